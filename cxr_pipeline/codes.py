@@ -1,0 +1,107 @@
+"""Every DICOM UID and coded concept the pipeline reads or writes, in one place.
+
+Logic refers to these names, never to raw UID strings or code values. UIDs come from
+pydicom's registry where it has them; coded concepts are highdicom ``Code`` objects.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydicom import uid as _uid
+from pynetdicom import sop_class as _sop
+from pydicom.sr.coding import Code
+
+# --------------------------------------------------------------------------------------
+# SOP classes
+# --------------------------------------------------------------------------------------
+
+
+class SopClass(StrEnum):
+    """Storage SOP classes the pipeline receives or writes."""
+
+    VERIFICATION = _sop.Verification
+    COMPUTED_RADIOGRAPHY = _uid.ComputedRadiographyImageStorage
+    DX_FOR_PRESENTATION = _uid.DigitalXRayImageStorageForPresentation
+    DX_FOR_PROCESSING = _uid.DigitalXRayImageStorageForProcessing
+    SECONDARY_CAPTURE = _uid.SecondaryCaptureImageStorage
+    SC_MULTIFRAME_GRAYSCALE_BYTE = _uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage
+    SC_MULTIFRAME_GRAYSCALE_WORD = _uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage
+    SC_MULTIFRAME_TRUE_COLOR = _uid.MultiFrameTrueColorSecondaryCaptureImageStorage
+    COMPREHENSIVE_3D_SR = _uid.Comprehensive3DSRStorage
+    COMPREHENSIVE_SR = _uid.ComprehensiveSRStorage
+    ENHANCED_SR = _uid.EnhancedSRStorage
+    BASIC_TEXT_SR = _uid.BasicTextSRStorage
+
+
+RADIOGRAPHY_SOP_CLASSES: frozenset[str] = frozenset(
+    {
+        SopClass.COMPUTED_RADIOGRAPHY,
+        SopClass.DX_FOR_PRESENTATION,
+        SopClass.DX_FOR_PROCESSING,
+    }
+)
+"""Projection radiography classes: analysed when Modality and geometry say chest."""
+
+SECONDARY_CAPTURE_SOP_CLASSES: frozenset[str] = frozenset(
+    {
+        SopClass.SECONDARY_CAPTURE,
+        SopClass.SC_MULTIFRAME_GRAYSCALE_BYTE,
+        SopClass.SC_MULTIFRAME_GRAYSCALE_WORD,
+        SopClass.SC_MULTIFRAME_TRUE_COLOR,
+    }
+)
+"""Secondary Capture classes: analysed only when the headers say chest X-ray."""
+
+# Storage classes the listener accepts at association (results of other classes are
+# accepted too where auto-routing sends them, and recorded as skipped).
+ANALYSABLE_SOP_CLASSES: frozenset[str] = RADIOGRAPHY_SOP_CLASSES | SECONDARY_CAPTURE_SOP_CLASSES
+
+# --------------------------------------------------------------------------------------
+# Transfer syntaxes
+# --------------------------------------------------------------------------------------
+
+UNCOMPRESSED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    _uid.ExplicitVRLittleEndian,
+    _uid.ImplicitVRLittleEndian,
+    _uid.DeflatedExplicitVRLittleEndian,
+    _uid.ExplicitVRBigEndian,
+)
+
+COMPRESSED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    _uid.RLELossless,
+    _uid.JPEGBaseline8Bit,
+    _uid.JPEGExtended12Bit,
+    _uid.JPEGLossless,
+    _uid.JPEGLosslessSV1,
+    _uid.JPEGLSLossless,
+    _uid.JPEGLSNearLossless,
+    _uid.JPEG2000Lossless,
+    _uid.JPEG2000,
+)
+
+SUPPORTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    UNCOMPRESSED_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES
+)
+"""Transfer syntaxes we accept and decode (pydicom handlers: numpy, pylibjpeg, gdcm)."""
+
+
+class Modality(StrEnum):
+    """Modality (0008,0060) values the pipeline reads or writes."""
+
+    CR = "CR"
+    DX = "DX"
+    SR = "SR"
+    OT = "OT"
+
+
+# --------------------------------------------------------------------------------------
+# Coded concepts (SNOMED CT, LOINC, DCM, UCUM)
+# --------------------------------------------------------------------------------------
+
+COVID19 = Code("840539006", "SCT", "COVID-19")
+"""SNOMED CT: Disease caused by severe acute respiratory syndrome coronavirus 2."""
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("2667000", "SCT", "Absent")
+UCUM_UNITY = Code("1", "UCUM", "no units")
+"""UCUM unity, the unit of a probability."""

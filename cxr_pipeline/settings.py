@@ -1,0 +1,246 @@
+"""One typed settings object: TOML file + ``CXR_*`` environment overrides.
+
+Precedence, highest first: keyword arguments given to :func:`load_settings`, environment
+variables (``CXR_`` prefix, ``__`` between nested names, e.g. ``CXR_LISTENER__PORT=11112``,
+lists and tables as JSON), the TOML file, then the defaults below. Unknown keys in any
+source are an error at start-up (``extra="forbid"``), so a typo never passes silently.
+
+Each section belongs to one stage of the pipeline; add a field to the section that owns it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cxr_pipeline.errors import ConfigError
+
+CONFIG_ENV_VAR = "CXR_CONFIG"
+"""Environment variable naming the TOML settings file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestSettings(_Section):
+    """Which objects count as chest radiographs and what pixel data is accepted."""
+
+    accepted_modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    """Modalities analysed when the SOP class is a radiography class (CR, DX)."""
+    accept_secondary_capture: bool = True
+    """Also analyse Secondary Capture / other 2D X-ray objects whose headers say chest."""
+    chest_body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX", "LUNG"])
+    """Body Part Examined values (upper-cased) that mean chest."""
+    require_body_part: bool = False
+    """Reject CR/DX images without Body Part Examined. When False, a missing body part is
+    decided by view position and geometry."""
+    chest_view_positions: list[str] = Field(
+        default_factory=lambda: ["PA", "AP", "LL", "RL", "LATERAL", "AP SUPINE", ""]
+    )
+    """View Position values compatible with a chest radiograph ("" = absent)."""
+    min_size: int = 128
+    """Smallest accepted Rows and Columns."""
+    max_size: int = 8192
+    """Largest accepted Rows and Columns (absurd sizes are rejected before decoding)."""
+    max_aspect_ratio: float = 2.0
+    """Longest side / shortest side above which an image is not a chest radiograph."""
+
+
+class ModelSettings(_Section):
+    """Which checkpoint to run and where."""
+
+    checkpoint: Path | None = None
+    """Checkpoint file (state dict + model card). None: the packaged default model."""
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
+    batch_size: int = 16
+    """Largest inference micro-batch."""
+    channels_last: bool = True
+    """Use the channels-last memory format for convolution speed."""
+
+
+class ExplainSettings(_Section):
+    """Heatmap method and its parameters."""
+
+    method: Literal["gradcam", "occlusion", "none"] = "gradcam"
+    occlusion_patch: int = 32
+    """Occluding square side, in pixels of the 224 px model input."""
+    occlusion_stride: int = 16
+    """Step between occlusion positions, in model-input pixels."""
+    occlusion_batch: int = 64
+    """Occluded copies evaluated per forward pass."""
+
+
+class OutputSettings(_Section):
+    """How result objects (SR, SC) are written."""
+
+    sr_series_number: int = 9901
+    sc_series_number: int = 9902
+    manufacturer: str = "cxr-pipeline"
+    institution_name: str | None = None
+    heatmap_alpha: float = 0.4
+    """Opacity of the heatmap blended into the Secondary Capture."""
+    sc_max_size: int = 2048
+    """Longest side of the Secondary Capture (larger radiographs are downsampled)."""
+
+
+class TlsSettings(_Section):
+    """DICOM TLS for the listener."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    """CA bundle used to verify client certificates."""
+    require_client_certificate: bool = False
+
+
+class ListenerSettings(_Section):
+    """The C-STORE SCP (``cxr-listen``)."""
+
+    ae_title: str = "CXR_PIPELINE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_calling_aes: list[str] = Field(default_factory=list)
+    """Calling AE titles allowed to associate; empty = any."""
+    require_called_ae: bool = False
+    """Reject associations whose Called AE Title is not ours."""
+    max_associations: int = 10
+    min_free_bytes: int = 1_000_000_000
+    """Free-space watermark of the spool's file system; below it C-STORE answers Out of Resources."""
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+
+class WorkerSettings(_Section):
+    """Where work is queued and how it is executed."""
+
+    broker_url: str | None = None
+    """None: embedded in-process worker pool. ``redis://host:port/db``: Celery on Redis."""
+    concurrency: int = 1
+    """Worker threads (embedded) or processes (Celery) per host."""
+    micro_batch_wait_s: float = 0.05
+    """How long a worker waits to gather more images into one GPU batch."""
+
+
+class Destination(_Section):
+    """A DICOM peer results are sent to."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+class SendSettings(_Section):
+    """C-STORE SCU of results."""
+
+    calling_ae_title: str = "CXR_PIPELINE"
+    destinations: list[Destination] = Field(default_factory=list)
+    """Fixed destinations. Empty: reply to the sender, looked up in ``known_peers``."""
+    known_peers: list[Destination] = Field(default_factory=list)
+    """Peers by AE title, used to send results back to the AE that sent the image."""
+    max_attempts: int = 8
+    backoff_initial_s: float = 2.0
+    backoff_max_s: float = 300.0
+    timeout_s: float = 30.0
+
+
+class BatchSettings(_Section):
+    """``cxr-batch`` retrospective runs."""
+
+    decode_workers: int = 0
+    """Decoding processes; 0 = number of CPU cores."""
+    batch_size: int = 16
+
+
+class Settings(BaseSettings):
+    """All settings of cxr-pipeline.
+
+    Build it with :func:`load_settings`, which reads the TOML file.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="CXR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Path("var")
+    """Root of spool, ledger, outbox and logs."""
+    log_level: str = "INFO"
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    explain: ExplainSettings = Field(default_factory=ExplainSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    listener: ListenerSettings = Field(default_factory=ListenerSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    send: SendSettings = Field(default_factory=SendSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment first, then values passed in (the TOML file and overrides)."""
+        return (env_settings, init_settings)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read settings from a TOML file, the environment and explicit overrides.
+
+    Parameters
+    ----------
+    path
+        TOML file. None: the file named by ``$CXR_CONFIG`` if set, else defaults only.
+    **overrides
+        Values that win over the file (nested sections as dicts), e.g. from command-line
+        options. The environment still wins over the file but not over these.
+
+    Returns
+    -------
+    Settings
+        The validated, frozen settings.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or unreadable, or a key is unknown or has a wrong type.
+    """
+    if path is None and os.environ.get(CONFIG_ENV_VAR):
+        path = os.environ[CONFIG_ENV_VAR]
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read settings file {path}: {exc}") from exc
+    try:
+        settings = Settings(**data)
+        if overrides:
+            # Overrides beat the environment: apply them on top of the loaded values.
+            # model_validate does not run the settings sources again.
+            settings = Settings.model_validate(_deep_merge(settings.model_dump(), overrides))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc
+    return settings

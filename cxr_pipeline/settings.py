@@ -126,6 +126,18 @@ class WorkerSettings(_Section):
     """Worker threads (embedded) or processes (Celery) per host."""
     micro_batch_wait_s: float = 0.05
     """How long a worker waits to gather more images into one GPU batch."""
+    queue_name: str = "cxr"
+    """Celery queue the listener publishes to and workers consume."""
+    visibility_timeout_s: int = 3600
+    """Redis transport: an unacknowledged task is redelivered after this many seconds
+    (must exceed the longest job, including send retries)."""
+    requeue_after_s: float = 60.0
+    """Listener side: ledger rows still RECEIVED after this many seconds are enqueued again
+    (covers a broker that was down when the image arrived)."""
+    requeue_interval_s: float = 10.0
+    """Listener side: how often the re-enqueue sweep runs."""
+    task_time_limit_s: int = 1800
+    """Hard time limit of one Celery task (the worker process is replaced after it)."""
 
 
 class Destination(_Section):
@@ -239,8 +251,24 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
         settings = Settings(**data)
         if overrides:
             # Overrides beat the environment: apply them on top of the loaded values.
-            # model_validate does not run the settings sources again.
-            settings = Settings.model_validate(_deep_merge(settings.model_dump(), overrides))
+            # The environment was applied above; validate the merge without reading it again.
+            settings = _ExplicitSettings(**_deep_merge(settings.model_dump(), overrides))
     except ValidationError as exc:
         raise ConfigError(f"invalid settings: {exc}") from exc
     return settings
+
+
+class _ExplicitSettings(Settings):
+    """Settings validated from the values given alone (no environment source)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the values passed in."""
+        return (init_settings,)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from enum import StrEnum
 
 from pydicom import uid as _uid
-from pynetdicom import sop_class as _sop
 from pydicom.sr.coding import Code
+from pynetdicom import sop_class as _sop
 
 # --------------------------------------------------------------------------------------
 # SOP classes
@@ -20,7 +20,7 @@ from pydicom.sr.coding import Code
 class SopClass(StrEnum):
     """Storage SOP classes the pipeline receives or writes."""
 
-    VERIFICATION = _sop.Verification
+    VERIFICATION = _sop.Verification  # type: ignore[attr-defined]
     COMPUTED_RADIOGRAPHY = _uid.ComputedRadiographyImageStorage
     DX_FOR_PRESENTATION = _uid.DigitalXRayImageStorageForPresentation
     DX_FOR_PROCESSING = _uid.DigitalXRayImageStorageForProcessing

@@ -125,7 +125,8 @@ def analyse_radiograph(
 def write_results(analysis: Analysis, out_dir: Path) -> list[Path]:
     """Write the SR and SC of one analysis as DICOM Part 10 files.
 
-    Files are named ``<SOPInstanceUID>.dcm`` under ``out_dir/<StudyInstanceUID>/<SeriesInstanceUID>/``.
+    Files are named ``<SOPInstanceUID>.dcm`` under
+    ``out_dir/<StudyInstanceUID>/<SeriesInstanceUID>/``.
 
     Parameters
     ----------

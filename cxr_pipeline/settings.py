@@ -113,7 +113,9 @@ class ListenerSettings(_Section):
     """Reject associations whose Called AE Title is not ours."""
     max_associations: int = 10
     min_free_bytes: int = 1_000_000_000
-    """Free-space watermark of the spool's file system; below it C-STORE answers Out of Resources."""
+    """Free-space watermark of the spool's file system (bytes).
+
+    Below it, C-STORE answers Out of Resources."""
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
 

@@ -105,3 +105,10 @@ PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("2667000", "SCT", "Absent")
 UCUM_UNITY = Code("1", "UCUM", "no units")
 """UCUM unity, the unit of a probability."""
+
+# --------------------------------------------------------------------------------------
+# cxr-batch: media storage objects the folder walker recognises
+# --------------------------------------------------------------------------------------
+
+MEDIA_STORAGE_DIRECTORY = _uid.MediaStorageDirectoryStorage
+"""Media Storage Directory (DICOMDIR): an index of a file set, not an image."""

@@ -170,6 +170,21 @@ class BatchSettings(_Section):
     decode_workers: int = 0
     """Decoding processes; 0 = number of CPU cores."""
     batch_size: int = 16
+    """Images stacked into one model forward pass."""
+    decode_max_side: int = 1024
+    """Longest side the decoders need to produce for classification (JPEG 2000 decodes at
+    reduced resolution, others are downsampled in the decode process); the model input is
+    224 px, so this does not change the input's content. 0 = full resolution. Secondary
+    Captures and heatmaps use ``output.sc_max_size`` instead."""
+    torch_threads: int = 0
+    """Intra-op threads of the model in the main process; 0 = CPU cores minus decoders
+    (at least 1)."""
+    max_in_flight: int = 0
+    """Decode jobs queued ahead of the model; 0 = 2 x batch_size + decode workers."""
+    start_method: Literal["forkserver", "spawn"] = "forkserver"
+    """How decode processes start (never plain fork: the main process holds the model)."""
+    retry_failed: bool = False
+    """On a resumed run, process again the files whose earlier row says failed."""
 
 
 class Settings(BaseSettings):

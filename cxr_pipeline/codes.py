@@ -112,3 +112,32 @@ UCUM_UNITY = Code("1", "UCUM", "no units")
 
 MEDIA_STORAGE_DIRECTORY = _uid.MediaStorageDirectoryStorage
 """Media Storage Directory (DICOMDIR): an index of a file set, not an image."""
+
+# --------------------------------------------------------------------------------------
+# DIMSE status codes (PS3.4 Annex B / PS3.7 Annex C), used by the listener and sender
+# (section owned by the PACS service: listeners/, cxr_pipeline/send.py)
+# --------------------------------------------------------------------------------------
+
+
+class DimseStatus:
+    """C-STORE / C-ECHO status values as named constants (no bare hex in logic)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    """Refused: Out of Resources (spool below the free-space watermark)."""
+    CANNOT_UNDERSTAND = 0xC210
+    """Error: Cannot understand (the 0xCxxx class): an unexpected failure while storing."""
+    WARNING_COERCION = 0xB000
+    WARNING_ELEMENTS_DISCARDED = 0xB006
+    WARNING_DATASET_MISMATCH = 0xB007
+
+
+STORE_SUCCESS_STATUSES: frozenset[int] = frozenset(
+    {
+        DimseStatus.SUCCESS,
+        DimseStatus.WARNING_COERCION,
+        DimseStatus.WARNING_ELEMENTS_DISCARDED,
+        DimseStatus.WARNING_DATASET_MISMATCH,
+    }
+)
+"""C-STORE statuses meaning the peer stored the object (success or warning)."""

@@ -30,6 +30,7 @@ class Reason(StrEnum):
     SEND_FAILED = "send_failed"
     QUEUE_UNAVAILABLE = "queue_unavailable"
     CONFIG_ERROR = "config_error"
+    INVALID_UID = "invalid_uid"
     INTERNAL = "internal_error"
 
 
@@ -129,6 +130,12 @@ class CorruptPixelData(RejectedInput):
     """Pixel data that cannot be decoded or does not match the header."""
 
     reason = Reason.CORRUPT_PIXEL_DATA
+
+
+class InvalidUid(RejectedInput):
+    """A UID that is not a valid DICOM UID (refused before it names any file)."""
+
+    reason = Reason.INVALID_UID
 
 
 class CheckpointError(PermanentError):

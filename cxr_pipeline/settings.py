@@ -116,6 +116,8 @@ class ListenerSettings(_Section):
     """Free-space watermark of the spool's file system (bytes).
 
     Below it, C-STORE answers Out of Resources."""
+    keep_received_files: bool = False
+    """Keep spooled received files after their job is done or skipped (audit, debugging)."""
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
 

@@ -1,0 +1,154 @@
+"""C-STORE SCU: send result objects (SR, SC) to a DICOM peer with pynetdicom.
+
+One association per call. Each dataset's SOP class is proposed with its own transfer
+syntax plus Explicit and Implicit VR Little Endian as a fallback; pynetdicom converts
+between uncompressed syntaxes itself, and a compressed dataset whose syntax the peer
+refuses is decompressed (pydicom pixel handlers) before sending. Any refusal, abort,
+timeout or non-success status raises :class:`~cxr_pipeline.errors.SendError`
+(retryable); retries and backoff belong to the caller (:mod:`cxr_pipeline.jobs`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from cxr_pipeline.codes import STORE_SUCCESS_STATUSES
+from cxr_pipeline.errors import SendError
+from cxr_pipeline.settings import Destination, SendSettings
+
+log = logging.getLogger(__name__)
+
+_FALLBACK_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_MAX_CONTEXTS = 128
+"""PS3.8: at most 128 presentation contexts per association."""
+
+
+def dataset_transfer_syntax(ds: Dataset) -> UID:
+    """Return the transfer syntax a dataset is encoded in (file meta, else its encoding flags).
+
+    Parameters
+    ----------
+    ds
+        A dataset read from a file or built by highdicom.
+
+    Returns
+    -------
+    pydicom.uid.UID
+        Its transfer syntax UID.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return UID(str(meta.TransferSyntaxUID))
+    if getattr(ds, "is_implicit_VR", False):
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian
+
+
+def _contexts(datasets: Sequence[Dataset]) -> dict[str, list[str]]:
+    """SOP class -> proposed transfer syntaxes (own syntaxes first, then the fallbacks)."""
+    proposed: dict[str, list[str]] = {}
+    for ds in datasets:
+        if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+            raise SendError("dataset to send has no SOP Class UID or SOP Instance UID")
+        syntaxes = proposed.setdefault(str(ds.SOPClassUID), [])
+        own = str(dataset_transfer_syntax(ds))
+        if own not in syntaxes:
+            syntaxes.insert(0, own)
+        for fallback in _FALLBACK_SYNTAXES:
+            if fallback not in syntaxes:
+                syntaxes.append(fallback)
+    if len(proposed) > _MAX_CONTEXTS:
+        raise SendError(f"{len(proposed)} SOP classes exceed one association's contexts")
+    return proposed
+
+
+def _as_accepted(ds: Dataset, accepted: set[str]) -> Dataset:
+    """Return the dataset, decompressed if the peer did not accept its compressed syntax."""
+    syntax = dataset_transfer_syntax(ds)
+    if str(syntax) in accepted or not syntax.is_compressed:
+        return ds
+    if not accepted & set(_FALLBACK_SYNTAXES):
+        raise SendError(f"peer accepted no usable transfer syntax for {ds.SOPInstanceUID}")
+    plain = copy.deepcopy(ds)
+    try:
+        plain.decompress()
+    except Exception as exc:  # pydicom raises several types for undecodable pixel data
+        raise SendError(f"cannot decompress {ds.SOPInstanceUID} for sending: {exc}") from exc
+    return plain
+
+
+def send_datasets(
+    datasets: Sequence[Dataset], destination: Destination, settings: SendSettings
+) -> None:
+    """C-STORE every dataset to one destination over a single association.
+
+    Parameters
+    ----------
+    datasets
+        Complete DICOM objects (e.g. the SR and SC of one analysis).
+    destination
+        AE title, host and port of the peer.
+    settings
+        Calling AE title and network timeout.
+
+    Raises
+    ------
+    SendError
+        Association rejected or aborted, timeout, a refused context, or any C-STORE
+        status other than success or warning. Objects before the failure may be stored.
+    """
+    if not datasets:
+        return
+    ae = AE(ae_title=settings.calling_ae_title)
+    ae.acse_timeout = settings.timeout_s
+    ae.dimse_timeout = settings.timeout_s
+    ae.network_timeout = settings.timeout_s
+    ae.connection_timeout = settings.timeout_s
+    for sop_class, syntaxes in _contexts(datasets).items():
+        ae.add_requested_context(sop_class, syntaxes)
+
+    peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        raise SendError(f"association with {peer} {why}")
+    try:
+        _store_all(assoc, datasets, peer)
+    except SendError:
+        raise
+    except (OSError, RuntimeError, ValueError, AttributeError) as exc:
+        # pynetdicom raises these for a dropped connection or an unencodable dataset.
+        raise SendError(f"C-STORE to {peer} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _store_all(assoc: Association, datasets: Sequence[Dataset], peer: str) -> None:
+    for ds in datasets:
+        sop_class = str(ds.SOPClassUID)
+        accepted = {
+            str(cx.transfer_syntax[0])
+            for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == sop_class
+        }
+        if not accepted:
+            raise SendError(f"{peer} refused SOP class {sop_class}")
+        status = assoc.send_c_store(_as_accepted(ds, accepted))
+        if "Status" not in status:
+            raise SendError(
+                f"no C-STORE response from {peer} for {ds.SOPInstanceUID} (timeout or abort)"
+            )
+        code = int(status.Status)
+        if code not in STORE_SUCCESS_STATUSES:
+            raise SendError(
+                f"{peer} answered C-STORE of {ds.SOPInstanceUID} with status 0x{code:04X}"
+            )
+        log.info("sent %s to %s (status 0x%04X)", ds.SOPInstanceUID, peer, code)

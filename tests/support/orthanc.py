@@ -1,0 +1,267 @@
+"""A real Orthanc PACS for tests: the Debian ``Orthanc`` binary on free ports.
+
+Usage::
+
+    with running_orthanc(tmp_path, modalities={"cxr": ("CXR_PIPELINE", "127.0.0.1", port)}) as pacs:
+        pacs.upload(path)
+        pacs.send_to_modality("cxr", [instance_id])
+        pacs.study_instances(study_uid)
+
+or the ``orthanc`` pytest fixture factory :func:`orthanc_factory`. Orthanc listens on
+127.0.0.1 only, without HTTP authentication, with a temporary storage folder, and is
+stopped (SIGTERM, then SIGKILL) when the block ends.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+ORTHANC_BINARY = "Orthanc"
+DEFAULT_AE_TITLE = "ORTHANC"
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def orthanc_available() -> bool:
+    """Whether the Orthanc binary is installed."""
+    return shutil.which(ORTHANC_BINARY) is not None
+
+
+@dataclass
+class OrthancServer:
+    """A running Orthanc: where it listens and small REST helpers."""
+
+    rest_url: str
+    dicom_port: int
+    http_port: int
+    ae_title: str
+    storage_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+    session: requests.Session = field(default_factory=requests.Session)
+    host: str = "127.0.0.1"
+
+    # -- REST --------------------------------------------------------------------------
+
+    def get(self, path: str) -> Any:
+        response = self.session.get(f"{self.rest_url}{path}", timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, body: Any) -> Any:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = self.session.post(f"{self.rest_url}{path}", data=data, timeout=120)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def system(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.get("/system")
+        return result
+
+    def instances(self) -> list[str]:
+        """Orthanc ids of every stored instance."""
+        return list(self.get("/instances"))
+
+    def study_instances(self, study_uid: str) -> list[str]:
+        """Orthanc ids of the instances of one study (by Study Instance UID)."""
+        found = self.post(
+            "/tools/find",
+            {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": False},
+        )
+        return list(found)
+
+    def get_instance_tags(self, instance_id: str) -> dict[str, Any]:
+        """Simplified tags (keyword -> value) of one instance."""
+        tags: dict[str, Any] = self.get(f"/instances/{instance_id}/simplified-tags")
+        return tags
+
+    def instance_file(self, instance_id: str) -> bytes:
+        """The stored DICOM file of one instance."""
+        response = self.session.get(f"{self.rest_url}/instances/{instance_id}/file", timeout=60)
+        response.raise_for_status()
+        return response.content
+
+    def upload(self, path: Path | str) -> str:
+        """Store a DICOM file through REST; returns its Orthanc instance id."""
+        result = self.post("/instances", Path(path).read_bytes())
+        return str(result["ID"])
+
+    def send_to_modality(self, modality: str, resources: Sequence[str]) -> Any:
+        """C-STORE resources (instance/series/study ids) to a configured modality, synchronously."""
+        return self.post(
+            f"/modalities/{modality}/store",
+            {"Resources": list(resources), "Synchronous": True},
+        )
+
+    def echo(self, modality: str) -> bool:
+        """C-ECHO a configured modality from Orthanc."""
+        response = self.session.post(f"{self.rest_url}/modalities/{modality}/echo", data=b"{}")
+        return response.status_code == 200
+
+    def wait_for_instances(
+        self, study_uid: str, count: int, *, timeout_s: float = 120.0
+    ) -> list[str]:
+        """Poll until the study holds at least ``count`` instances; return their ids."""
+        deadline = time.monotonic() + timeout_s
+        found: list[str] = []
+        while time.monotonic() < deadline:
+            found = self.study_instances(study_uid)
+            if len(found) >= count:
+                return found
+            time.sleep(0.5)
+        return found
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of Orthanc's log, for failure messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def orthanc_config(
+    storage_dir: Path,
+    *,
+    http_port: int,
+    dicom_port: int,
+    ae_title: str,
+    modalities: Mapping[str, tuple[str, str, int]],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON configuration of a private test Orthanc."""
+    config: dict[str, Any] = {
+        "Name": "cxr-pipeline-test",
+        "StorageDirectory": str(storage_dir / "db"),
+        "IndexDirectory": str(storage_dir / "db"),
+        "StorageCompression": False,
+        "HttpServerEnabled": True,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "SslEnabled": False,
+        "DicomServerEnabled": True,
+        "DicomAet": ae_title,
+        "DicomPort": dicom_port,
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowEcho": True,
+        "DicomModalities": {name: list(peer) for name, peer in modalities.items()},
+        "DicomScuTimeout": 30,
+        "Plugins": [],
+        "LuaScripts": [],
+        "ConcurrentJobs": 1,
+        "StableAge": 1,
+        "HttpTimeout": 60,
+        "OverwriteInstances": True,
+    }
+    if extra:
+        config.update(extra)
+    return config
+
+
+@contextmanager
+def running_orthanc(
+    workdir: Path,
+    *,
+    modalities: Mapping[str, tuple[str, str, int]] | None = None,
+    ae_title: str = DEFAULT_AE_TITLE,
+    extra_config: Mapping[str, Any] | None = None,
+    startup_timeout_s: float = 60.0,
+) -> Iterator[OrthancServer]:
+    """Start a private Orthanc, wait until ``/system`` answers, stop it afterwards.
+
+    Parameters
+    ----------
+    workdir
+        Temporary folder for the configuration, storage and log.
+    modalities
+        DicomModalities entries: name -> (AE title, host, port), e.g. our listener.
+    ae_title
+        Orthanc's own AE title.
+    extra_config
+        More configuration keys (e.g. ``LuaScripts``), overriding the defaults.
+    startup_timeout_s
+        How long to wait for the REST API.
+    """
+    if not orthanc_available():
+        raise FileNotFoundError("Orthanc binary not installed (Debian package 'orthanc')")
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port, dicom_port = free_port(), free_port()
+    config = orthanc_config(
+        workdir,
+        http_port=http_port,
+        dicom_port=dicom_port,
+        ae_title=ae_title,
+        modalities=modalities or {},
+        extra=extra_config,
+    )
+    config_path = workdir / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    log_path = workdir / "orthanc.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [ORTHANC_BINARY, "--no-jobs", str(config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+    server = OrthancServer(
+        rest_url=f"http://127.0.0.1:{http_port}",
+        dicom_port=dicom_port,
+        http_port=http_port,
+        ae_title=ae_title,
+        storage_dir=workdir / "db",
+        log_path=log_path,
+        process=process,
+    )
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"Orthanc exited with {process.returncode}:\n{server.log_tail()}"
+                )
+            try:
+                server.system()
+                break
+            except requests.RequestException:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"Orthanc did not answer in {startup_timeout_s} s:\n{server.log_tail()}"
+                    ) from None
+                time.sleep(0.2)
+        yield server
+    finally:
+        server.session.close()
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
+    """A fresh Orthanc without modalities (import this fixture into a test module)."""
+    if not orthanc_available():
+        pytest.skip("Orthanc binary not installed (Debian package 'orthanc')")
+    with running_orthanc(tmp_path / "orthanc") as server:
+        yield server

@@ -1,0 +1,146 @@
+"""Embedded executor: a thread pool inside the listener process (no broker).
+
+``cxr-listen`` without ``--broker`` does the whole job in one process: the C-STORE
+handler enqueues a UID, a worker thread runs :func:`cxr_pipeline.jobs.process_job`.
+The model is loaded once per pool (one :class:`~cxr_pipeline.pipeline.Engine`) and
+shared by the threads; analysis is serialised by a lock because Grad-CAM hooks on a
+shared model are not thread-safe, while sending runs in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from cxr_pipeline.jobs import process_job
+from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.pipeline import Engine
+from cxr_pipeline.settings import Settings
+from cxr_pipeline.spool import Spool
+
+log = logging.getLogger(__name__)
+
+_STOP = None
+
+
+class LocalWorkerPool:
+    """A :class:`workers.queue.JobQueue` served by threads in this process.
+
+    Parameters
+    ----------
+    settings
+        All settings; ``worker.concurrency`` threads are started.
+    ledger, spool
+        The service's ledger and spool.
+    engine
+        A loaded engine to share; None builds one from ``settings`` (loads the model).
+    sleep
+        Waits between send attempts (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        spool: Spool,
+        *,
+        engine: Engine | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.spool = spool
+        self.engine = engine if engine is not None else Engine.from_settings(settings)
+        self._sleep = sleep
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._analyse_lock = threading.Lock()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._run, name=f"cxr-worker-{i}", daemon=True)
+            for i in range(max(settings.worker.concurrency, 1))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def enqueue(self, uid: str) -> None:
+        """Queue one instance (a UID already pending is not queued twice).
+
+        Parameters
+        ----------
+        uid
+            SOP Instance UID of a spooled instance recorded in the ledger.
+
+        Raises
+        ------
+        RuntimeError
+            The pool was closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("worker pool is closed")
+            if uid in self._pending:
+                return
+            self._pending.add(uid)
+        record = self.ledger.get(uid)
+        if record is not None and record.state == JobState.RECEIVED:
+            self.ledger.mark(uid, JobState.QUEUED)
+        self._queue.put(uid)
+
+    def pending(self) -> int:
+        """Count the queued or running jobs."""
+        with self._lock:
+            return len(self._pending)
+
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Block until no job is queued or running.
+
+        Parameters
+        ----------
+        timeout_s
+            Longest wait; None waits for ever.
+
+        Returns
+        -------
+        bool
+            True when idle, False on timeout.
+        """
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._pending, timeout=timeout_s)
+
+    def close(self) -> None:
+        """Finish the queued jobs, then stop the threads."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            uid = self._queue.get()
+            if uid is _STOP:
+                return
+            try:
+                process_job(
+                    uid,
+                    self.engine,
+                    self.ledger,
+                    self.spool,
+                    sleep=self._sleep,
+                    analyse_lock=self._analyse_lock,
+                )
+            except Exception as exc:  # process_job records its own failures; belt and braces
+                log.error("%s: worker error %s", uid, type(exc).__name__)
+            finally:
+                with self._idle:
+                    self._pending.discard(uid)
+                    self._idle.notify_all()

@@ -1,0 +1,189 @@
+"""Celery on a real Redis: the listener's queue, the micro-batch collector, end to end.
+
+Every test runs a real ``redis-server`` (tests/support/redis_server.py). The end-to-end
+test also runs ``cxr-listen --broker`` and a separate ``cxr-worker`` as subprocesses, a
+real Orthanc as the PACS and DCMTK ``storescu`` as the modality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.settings import Settings, load_settings
+from tests.conftest import REPO_ROOT
+from tests.conftest import testdata as dicom_testdata
+from tests.support.redis_server import RedisServer, free_port, redis_server  # noqa: F401
+from workers.celery_app import (
+    TASK_ANALYSE,
+    CeleryJobQueue,
+    collect_waiting,
+    create_app,
+)
+
+pytestmark = pytest.mark.integration
+
+UIDS = ["1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3"]
+
+
+def _settings(server: RedisServer, data_dir: Path, **worker: object) -> Settings:
+    return load_settings(
+        None,
+        data_dir=data_dir,
+        worker={"broker_url": server.url, "requeue_after_s": 3600.0, **worker},
+    )
+
+
+def _ledger_with(data_dir: Path, uids: list[str]) -> Ledger:
+    ledger = Ledger(data_dir / "ledger.sqlite3")
+    for uid in uids:
+        ledger.record_received(
+            uid, study_uid="1.2.3", calling_ae="MODALITY", spool_path=data_dir / f"{uid}.dcm"
+        )
+    return ledger
+
+
+def _queued(server: RedisServer, queue: str = "cxr") -> list[dict[str, object]]:
+    client = redis.Redis(host="127.0.0.1", port=server.port)
+    return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+
+
+def test_enqueue_publishes_uid_only_and_marks_queued(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    settings = _settings(redis_server, tmp_path)
+    ledger = _ledger_with(tmp_path, UIDS[:1])
+    queue = CeleryJobQueue(settings, ledger, sweep=False)
+    try:
+        queue.enqueue(UIDS[0])
+    finally:
+        queue.close()
+    messages = _queued(redis_server)
+    assert len(messages) == 1
+    assert messages[0]["headers"]["task"] == TASK_ANALYSE  # type: ignore[index]
+    record = ledger.get(UIDS[0])
+    assert record is not None and record.state == JobState.QUEUED
+    assert queue.pending() == set()
+
+
+def test_broker_outage_keeps_image_received_and_sweep_requeues(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    settings = _settings(redis_server, tmp_path)
+    ledger = _ledger_with(tmp_path, UIDS[:2])
+    redis_server.stop()
+    queue = CeleryJobQueue(settings, ledger, sweep=False)
+    try:
+        start = time.monotonic()
+        queue.enqueue(UIDS[0])  # must not raise and must not block for long
+        assert time.monotonic() - start < 10
+        record = ledger.get(UIDS[0])
+        assert record is not None and record.state == JobState.RECEIVED
+        assert queue.pending() == {UIDS[0]}
+        assert queue.sweep_once() == []  # still down: nothing published, nothing lost
+        assert queue.pending() == {UIDS[0]}
+
+        redis_server.start()
+        assert queue.sweep_once() == [UIDS[0]]
+        assert queue.pending() == set()
+        record = ledger.get(UIDS[0])
+        assert record is not None and record.state == JobState.QUEUED
+        # UIDS[1] was never enqueued and is younger than requeue_after_s: left alone.
+        record = ledger.get(UIDS[1])
+        assert record is not None and record.state == JobState.RECEIVED
+    finally:
+        queue.close()
+    assert [m["headers"]["task"] for m in _queued(redis_server)] == [TASK_ANALYSE]  # type: ignore[index]
+
+
+def test_sweep_requeues_stale_received_rows(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A row left RECEIVED (e.g. listener restarted during an outage) is published again."""
+    settings = _settings(redis_server, tmp_path, requeue_after_s=0.0)
+    ledger = _ledger_with(tmp_path, UIDS)
+    ledger.mark(UIDS[2], JobState.DONE)
+    queue = CeleryJobQueue(settings, ledger, sweep=False)
+    try:
+        assert sorted(queue.sweep_once()) == sorted(UIDS[:2])
+    finally:
+        queue.close()
+    assert len(_queued(redis_server)) == 2
+
+
+def test_background_sweep_thread_recovers_after_outage(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    settings = _settings(redis_server, tmp_path, requeue_interval_s=0.2)
+    ledger = _ledger_with(tmp_path, UIDS[:1])
+    redis_server.stop()
+    queue = CeleryJobQueue(settings, ledger)
+    try:
+        queue.enqueue(UIDS[0])
+        redis_server.start()
+        deadline = time.monotonic() + 20
+        while queue.pending() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert queue.pending() == set()
+    finally:
+        queue.close()
+    assert len(_queued(redis_server)) == 1
+
+
+def test_collector_takes_waiting_messages_and_acks_them(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    settings = _settings(redis_server, tmp_path)
+    ledger = _ledger_with(tmp_path, UIDS)
+    queue = CeleryJobQueue(settings, ledger, sweep=False)
+    for uid in UIDS:
+        queue.enqueue(uid)
+    queue.close()
+    app = create_app(settings)
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        with collect_waiting(app, settings, limit=2) as taken:
+            assert [item.uid for item in taken] == UIDS[:2]  # oldest first, at most limit
+            assert client.llen("cxr") == 1
+            assert client.hlen("unacked") == 2  # held, not lost, until acknowledged
+        assert client.hlen("unacked") == 0
+        assert client.llen("cxr") == 1
+
+        # A batch that fails puts its messages back on the queue.
+        with pytest.raises(RuntimeError), collect_waiting(app, settings, limit=5) as taken:
+            assert [item.uid for item in taken] == UIDS[2:]
+            raise RuntimeError("batch failed")
+        assert client.llen("cxr") == 1
+        assert client.hlen("unacked") == 0
+    finally:
+        app.close()
+
+
+def test_collector_returns_after_waiting_when_queue_is_empty(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    settings = _settings(redis_server, tmp_path, micro_batch_wait_s=0.2)
+    app = create_app(settings)
+    try:
+        start = time.monotonic()
+        with collect_waiting(app, settings, limit=4) as taken:
+            assert taken == []
+        assert 0.15 <= time.monotonic() - start < 5
+    finally:
+        app.close()

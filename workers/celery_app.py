@@ -1,0 +1,385 @@
+"""Celery on Redis: the app factory, the listener's job queue and the ``cxr-worker`` command.
+
+Messages carry SOP Instance UIDs (and the spool path as a hint), never pixel data: the
+listener and the workers share ``data_dir`` (spool + ledger). Delivery is at least once:
+``task_acks_late`` + ``task_reject_on_worker_lost`` redeliver a task whose worker died,
+``worker_prefetch_multiplier=1`` keeps waiting work in Redis (where other workers and the
+micro-batch collector can take it) and the Redis visibility timeout redelivers a task that
+was taken but never acknowledged. Workers are idempotent through the ledger, so a
+redelivered UID is analysed at most once more and sends the same result UIDs.
+
+The listener side (:class:`CeleryJobQueue`) imports no model code and never loses an
+image when Redis is down: a failed publish leaves the ledger row RECEIVED and a sweep
+thread publishes it again once Redis is back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from cxr_pipeline.errors import ConfigError
+from cxr_pipeline.ledger import JobRecord, JobState, Ledger
+from cxr_pipeline.settings import Settings, load_settings
+from workers.queue import ledger_path
+
+log = logging.getLogger(__name__)
+
+TASK_ANALYSE = "cxr.analyse_instance"
+"""Name of the task that analyses one spooled instance (args: uid; kwargs: spool_path)."""
+
+SETTINGS_CONF_KEY = "cxr_settings_json"
+"""Key of ``app.conf`` carrying the full settings to worker processes."""
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery configuration derived from the settings.
+
+    Parameters
+    ----------
+    settings
+        ``settings.worker.broker_url`` must be set.
+
+    Returns
+    -------
+    dict
+        Keys of Celery's configuration (``app.conf``).
+
+    Raises
+    ------
+    ConfigError
+        No broker URL is configured.
+    """
+    worker = settings.worker
+    if not worker.broker_url:
+        raise ConfigError("worker.broker_url is not set (e.g. redis://127.0.0.1:6379/0)")
+    return {
+        "broker_url": worker.broker_url,
+        "broker_transport_options": {
+            "visibility_timeout": worker.visibility_timeout_s,
+            "socket_connect_timeout": 5,
+            "socket_timeout": 30,
+        },
+        # The listener must fail fast when Redis is down (its sweep publishes later); a
+        # worker keeps retrying its broker connection for ever.
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "task_default_queue": worker.queue_name,
+        "task_routes": {TASK_ANALYSE: {"queue": worker.queue_name}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": worker.task_time_limit_s,
+        "task_soft_time_limit": max(1, worker.task_time_limit_s - 30),
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "enable_utc": True,
+        SETTINGS_CONF_KEY: settings.model_dump_json(),
+    }
+
+
+def create_app(settings: Settings) -> Celery:
+    """Build a Celery app configured from ``settings`` (no tasks registered).
+
+    The listener uses it as is (it publishes tasks by name); :func:`main` registers the
+    worker tasks with :func:`workers.tasks.register_tasks`.
+    """
+    app = Celery("cxr_pipeline", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def settings_from_app(app: Celery) -> Settings:
+    """Return the settings a worker process was started with (carried in ``app.conf``)."""
+    return Settings.model_validate_json(str(app.conf[SETTINGS_CONF_KEY]))
+
+
+class CeleryJobQueue:
+    """The listener's :class:`workers.queue.JobQueue` on Celery + Redis.
+
+    :meth:`enqueue` never raises for a broker outage: the image is already spooled and
+    recorded RECEIVED, so it is kept in a retry set and a background sweep publishes it
+    again every ``worker.requeue_interval_s``. The sweep also re-publishes ledger rows
+    that stayed RECEIVED longer than ``worker.requeue_after_s`` (e.g. the listener was
+    restarted during an outage) and rows QUEUED/PROCESSING for longer than the
+    visibility timeout (the message was lost with a Redis that had no persistence).
+
+    Parameters
+    ----------
+    settings
+        Broker URL, queue name and sweep timings from ``settings.worker``.
+    ledger
+        The listener's ledger; None opens ``data_dir/ledger.sqlite3``.
+    sweep
+        Start the background sweep thread (tests call :meth:`sweep_once` instead).
+    """
+
+    def __init__(
+        self, settings: Settings, ledger: Ledger | None = None, *, sweep: bool = True
+    ) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self.ledger = ledger if ledger is not None else Ledger(ledger_path(settings))
+        self._retry: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if sweep:
+            self._thread = threading.Thread(
+                target=self._sweep_loop, name="cxr-requeue", daemon=True
+            )
+            self._thread.start()
+
+    # -- publishing --------------------------------------------------------------------
+
+    def _publish(self, uid: str, spool_path: str | None) -> bool:
+        try:
+            self.app.send_task(
+                TASK_ANALYSE,
+                args=[uid],
+                kwargs={"spool_path": spool_path},
+                queue=self.settings.worker.queue_name,
+                retry=False,
+            )
+        except Exception as exc:  # kombu raises OperationalError and friends
+            log.warning("broker unavailable, %s stays RECEIVED for re-enqueue: %s", uid, exc)
+            return False
+        return True
+
+    def enqueue(self, uid: str, spool_path: str | Path | None = None) -> None:
+        """Publish one analysis task; on a broker outage keep it for the sweep.
+
+        The ledger row is marked QUEUED before publishing (so a fast worker's
+        PROCESSING/DONE is never overwritten) and put back to RECEIVED if the publish
+        fails.
+
+        Parameters
+        ----------
+        uid
+            SOP Instance UID of a spooled, recorded instance.
+        spool_path
+            Where it is spooled (a hint; workers look the row up in the ledger).
+        """
+        hint = None if spool_path is None else str(spool_path)
+        record = self.ledger.get(uid)
+        if record is not None and record.state == JobState.RECEIVED:
+            self.ledger.mark(uid, JobState.QUEUED)
+        if self._publish(uid, hint):
+            with self._lock:
+                self._retry.discard(uid)
+            return
+        if record is not None and record.state == JobState.RECEIVED:
+            self.ledger.mark(uid, JobState.RECEIVED)
+        with self._lock:
+            self._retry.add(uid)
+
+    # -- the re-enqueue sweep ----------------------------------------------------------
+
+    def _stale(self, record: JobRecord, now: float) -> bool:
+        worker = self.settings.worker
+        age = now - record.updated_at
+        if record.state == JobState.RECEIVED:
+            return age >= worker.requeue_after_s
+        return age >= worker.visibility_timeout_s + worker.requeue_after_s
+
+    def sweep_once(self) -> list[str]:
+        """Publish what failed to publish and stale unfinished ledger rows.
+
+        Returns
+        -------
+        list of str
+            UIDs published by this sweep.
+        """
+        with self._lock:
+            wanted = set(self._retry)
+        now = time.time()
+        records = {r.sop_instance_uid: r for r in self.ledger.unfinished()}
+        wanted.update(uid for uid, r in records.items() if self._stale(r, now))
+        published: list[str] = []
+        for uid in sorted(wanted, key=lambda u: records[u].received_at if u in records else 0):
+            record = records.get(uid)
+            if record is None:  # finished (or unknown) since its publish failed
+                with self._lock:
+                    self._retry.discard(uid)
+                continue
+            self.enqueue(uid, record.spool_path)
+            with self._lock:
+                if uid in self._retry:
+                    break  # broker still down: try again next sweep
+            published.append(uid)
+        if published:
+            log.info("re-enqueued %d instance(s)", len(published))
+        return published
+
+    def pending(self) -> set[str]:
+        """UIDs whose last publish failed."""
+        with self._lock:
+            return set(self._retry)
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.settings.worker.requeue_interval_s):
+            try:
+                self.sweep_once()
+            except Exception:  # the sweep must outlive a transient ledger error
+                log.exception("re-enqueue sweep failed")
+
+    def close(self) -> None:
+        """Stop the sweep and release broker connections."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.app.close()
+
+
+@dataclass
+class Collected:
+    """A task message taken from the queue by the collector, not yet acknowledged."""
+
+    uid: str
+    message: Any
+
+
+@contextmanager
+def collect_waiting(app: Celery, settings: Settings, limit: int) -> Iterator[list[Collected]]:
+    """Take up to ``limit`` waiting analysis messages from the worker's queue.
+
+    Messages are taken unacknowledged on a dedicated broker connection and acknowledged
+    when the ``with`` block ends normally; if it raises they are put back on the queue.
+    A message that is not an analysis task is put back at once.
+
+    Parameters
+    ----------
+    app
+        The worker's Celery app.
+    settings
+        ``worker.queue_name`` and ``worker.micro_batch_wait_s``.
+    limit
+        Most messages to take (0 takes none and opens no connection).
+
+    Yields
+    ------
+    list of Collected
+        The collected UIDs with their messages.
+    """
+    collected: list[Collected] = []
+    if limit <= 0:
+        yield collected
+        return
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        deadline = time.monotonic() + settings.worker.micro_batch_wait_s
+        while len(collected) < limit:
+            message = channel.basic_get(settings.worker.queue_name, no_ack=False)
+            if message is None:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.005)
+                continue
+            uid = _analysis_uid(message)
+            if uid is None:
+                message.reject(requeue=True)
+                break
+            collected.append(Collected(uid=uid, message=message))
+        try:
+            yield collected
+        except BaseException:
+            for item in collected:
+                item.message.reject(requeue=True)
+            raise
+        for item in collected:
+            item.message.ack()
+
+
+def _analysis_uid(message: Any) -> str | None:
+    """Return the UID of a Celery (protocol 2) analysis message, None for anything else."""
+    headers = getattr(message, "headers", None) or {}
+    if headers.get("task") != TASK_ANALYSE or headers.get("eta"):
+        return None
+    body = message.decode()
+    if not (isinstance(body, list | tuple) and body and body[0]):
+        return None
+    uid = body[0][0]
+    return uid if isinstance(uid, str) else None
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cxr-worker",
+        description="Celery worker analysing chest radiographs queued by cxr-listen --broker.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML settings file (default: $CXR_CONFIG)")
+    parser.add_argument("--broker", help="broker URL, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--concurrency", type=int, help="worker processes")
+    parser.add_argument("--data-dir", type=Path, help="shared data folder (spool, ledger)")
+    parser.add_argument("--queues", help="comma-separated queues (default: worker.queue_name)")
+    parser.add_argument(
+        "--pool", default="prefork", choices=["prefork", "solo"], help="Celery pool"
+    )
+    parser.add_argument("--loglevel", default=None, help="log level (default: settings)")
+    parser.add_argument("--hostname", default=None, help="Celery node name")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cxr-worker``: start a Celery worker on the configured broker.
+
+    The model is loaded once per worker process after it starts (prefork children in
+    ``worker_process_init``, the solo pool on its first task), so CUDA is initialised
+    only after the fork.
+    """
+    args = _parse_args(argv)
+    overrides: dict[str, Any] = {}
+    worker: dict[str, Any] = {}
+    if args.broker:
+        worker["broker_url"] = args.broker
+    if args.concurrency:
+        worker["concurrency"] = args.concurrency
+    if worker:
+        overrides["worker"] = worker
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    try:
+        settings = load_settings(args.config, **overrides)
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"cxr-worker: {exc}")
+        return 2
+    logging.basicConfig(
+        level=(args.loglevel or settings.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+    # Imported here: the listener imports this module and must not load torch.
+    from workers.tasks import register_tasks
+
+    register_tasks(app)
+    queues = args.queues or settings.worker.queue_name
+    worker_argv = [
+        "worker",
+        f"--pool={args.pool}",
+        f"--concurrency={settings.worker.concurrency}",
+        f"--queues={queues}",
+        f"--loglevel={(args.loglevel or settings.log_level).upper()}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if args.hostname:
+        worker_argv.append(f"--hostname={args.hostname}")
+    app.worker_main(worker_argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

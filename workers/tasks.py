@@ -1,0 +1,251 @@
+"""The Celery task of ``cxr-worker`` and its micro-batch collector.
+
+One task message = one SOP Instance UID. When a worker takes a task it also takes up to
+``model.batch_size - 1`` further analysis messages already waiting in its Redis queue
+(waiting at most ``worker.micro_batch_wait_s`` for them), so that a backlog is classified
+in one forward pass:
+
+1. :func:`workers.celery_app.collect_waiting` pulls waiting messages with ``basic_get`` on
+   the worker's own broker connection, unacknowledged: if the process dies they return to
+   the queue after the visibility timeout, exactly like the task message (``acks_late``).
+2. :func:`prepare_batch` decodes the batch, runs **one** ``predict_images`` call for all
+   images, then builds each image's heatmap, SR and SC with the probability from that
+   batched pass and writes them durably to the spool outbox.
+3. :func:`cxr_pipeline.jobs.process_job` runs for every UID: it finds the results in the
+   outbox (its documented resume path) and sends them and records the outcome in the
+   ledger. Anything :func:`prepare_batch` could not do (a rejected or broken image) is
+   simply left to ``process_job``, which analyses it alone and records why it failed.
+4. The collected messages are acknowledged after step 3, or rejected back to the queue if
+   the batch raised.
+
+The model loads once per worker process: in ``worker_process_init`` for prefork
+children, lazily on the first task for the solo pool. Nothing touches CUDA at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, cast
+
+import numpy as np
+from celery import Celery, Task, signals
+from pydicom.dataset import Dataset
+
+from cxr_pipeline.errors import CxrError
+from cxr_pipeline.inference import Predictor
+from cxr_pipeline.ingest import Radiograph, load_radiograph
+from cxr_pipeline.jobs import process_job
+from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.pipeline import Engine, analyse_radiograph
+from cxr_pipeline.settings import Settings
+from cxr_pipeline.spool import SUFFIX, Spool, write_durably
+from workers.celery_app import TASK_ANALYSE, collect_waiting, settings_from_app
+from workers.queue import ledger_path, spool_root
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRuntime:
+    """What one worker process holds: settings, ledger, spool and the loaded model."""
+
+    settings: Settings
+    ledger: Ledger
+    spool: Spool
+    _engine: Engine | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, settings: Settings) -> WorkerRuntime:
+        """Open the shared ledger and spool under ``settings.data_dir`` (no model yet)."""
+        return cls(
+            settings=settings,
+            ledger=Ledger(ledger_path(settings)),
+            spool=Spool(spool_root(settings)),
+        )
+
+    @property
+    def engine(self) -> Engine:
+        """The model, loaded on first use in this process (after any fork)."""
+        if self._engine is None:
+            start = time.perf_counter()
+            self._engine = Engine.from_settings(self.settings)
+            log.info(
+                "model %s loaded on %s in %.1f s",
+                self._engine.predictor.card.name,
+                self._engine.predictor.device,
+                time.perf_counter() - start,
+            )
+        return self._engine
+
+
+# One runtime per worker *process*: Celery gives tasks no per-process context object, so
+# this module-level slot is the process-local home of the loaded model (never shared:
+# prefork children fill it after the fork).
+_RUNTIME: WorkerRuntime | None = None
+
+
+def runtime_for(app: Celery) -> WorkerRuntime:
+    """Return this process's runtime, created from the app's settings on first use."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = WorkerRuntime.open(settings_from_app(app))
+    return _RUNTIME
+
+
+class _PrecomputedPredictor:
+    """Serves probabilities from a batched forward pass to the per-image pipeline stages.
+
+    :func:`cxr_pipeline.pipeline.analyse_radiograph` asks the predictor for each image
+    again; this proxy answers for the arrays of the batch (looked up by identity, they are
+    the very arrays that were classified) and delegates everything else (the model for
+    Grad-CAM, the card, the device) to the real predictor.
+    """
+
+    def __init__(self, inner: Predictor, probabilities: dict[int, float]) -> None:
+        self._inner = inner
+        self._probabilities = probabilities
+
+    def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        if all(id(image) in self._probabilities for image in images):
+            return np.asarray([self._probabilities[id(i)] for i in images], dtype=np.float32)
+        return self._inner.predict_images(images)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _writer(ds: Dataset) -> Callable[[BinaryIO], None]:
+    def write(handle: BinaryIO) -> None:
+        ds.save_as(handle, enforce_file_format=True)
+
+    return write
+
+
+def prepare_batch(uids: Sequence[str], runtime: WorkerRuntime) -> list[str]:
+    """Classify several spooled instances in one forward pass and write their results.
+
+    Instances already finished, with results already in the outbox, or that cannot be
+    decoded are left out (``process_job`` handles and records them).
+
+    Parameters
+    ----------
+    uids
+        SOP Instance UIDs recorded in the ledger.
+    runtime
+        The worker process's ledger, spool and model.
+
+    Returns
+    -------
+    list of str
+        UIDs whose SR and SC are now in the outbox. Empty when fewer than two images
+        could be batched (a single image gains nothing from this path).
+    """
+    ledger, spool, settings = runtime.ledger, runtime.spool, runtime.settings
+    images: list[tuple[str, Radiograph]] = []
+    for uid in uids:
+        record = ledger.get(uid)
+        if record is None or record.state in (JobState.DONE, JobState.SKIPPED):
+            continue
+        if spool.outbox_files(uid):
+            continue
+        try:
+            images.append((uid, load_radiograph(spool.path_for(uid), settings.ingest)))
+        except CxrError as exc:
+            log.info("%s: left to the single-image path (%s)", uid, exc.reason.value)
+    if len(images) < 2:
+        return []
+    engine = runtime.engine
+    start = time.perf_counter()
+    probabilities = engine.predictor.predict_images([image.pixels for _, image in images])
+    infer_ms = (time.perf_counter() - start) * 1000.0
+    log.info("micro-batch of %d images classified in %.1f ms", len(images), infer_ms)
+    proxy = _PrecomputedPredictor(
+        engine.predictor,
+        {id(image.pixels): float(p) for (_, image), p in zip(images, probabilities, strict=True)},
+    )
+    batch_engine = Engine(settings=engine.settings, predictor=cast(Predictor, proxy))
+    prepared: list[str] = []
+    for uid, image in images:
+        try:
+            analysis = analyse_radiograph(
+                image, batch_engine, {"batch_infer": infer_ms / len(images)}
+            )
+            folder = spool.outbox_dir(uid)
+            for ds in analysis.result_datasets:
+                write_durably(folder / f"{ds.SOPInstanceUID}{SUFFIX}", _writer(ds))
+        except Exception as exc:  # process_job redoes it alone and records the reason
+            spool.clear_outbox(uid)
+            log.warning(
+                "%s: batch encode failed (%s), left to process_job", uid, type(exc).__name__
+            )
+            continue
+        prepared.append(uid)
+    return prepared
+
+
+def run_batch(uids: Sequence[str], runtime: WorkerRuntime) -> dict[str, JobState]:
+    """Analyse (batched where possible), send and record several instances.
+
+    Parameters
+    ----------
+    uids
+        SOP Instance UIDs taken from the queue.
+    runtime
+        The worker process's ledger, spool and model.
+
+    Returns
+    -------
+    dict
+        UID -> final :class:`JobState` as recorded by ``process_job``.
+    """
+    unique = list(dict.fromkeys(uids))
+    if len(unique) > 1:
+        prepare_batch(unique, runtime)
+    return {uid: process_job(uid, runtime.engine, runtime.ledger, runtime.spool) for uid in unique}
+
+
+def _on_worker_process_init(**kwargs: Any) -> None:
+    """Prefork child started: load the model now, after the fork (safe for CUDA)."""
+    app = _REGISTERED_APP
+    if app is not None:
+        engine = runtime_for(app).engine
+        log.debug("worker process ready with model %s", engine.predictor.card.version)
+
+
+_REGISTERED_APP: Celery | None = None
+
+
+def register_tasks(app: Celery) -> Task:
+    """Register the analysis task on ``app`` and the per-process model loading.
+
+    Parameters
+    ----------
+    app
+        The worker's app from :func:`workers.celery_app.create_app`.
+
+    Returns
+    -------
+    celery.Task
+        The registered task (name :data:`workers.celery_app.TASK_ANALYSE`).
+    """
+    global _REGISTERED_APP
+    _REGISTERED_APP = app
+    signals.worker_process_init.connect(_on_worker_process_init, weak=False)
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=TASK_ANALYSE, bind=True, acks_late=True, reject_on_worker_lost=True
+    )
+    def analyse_instance(self: Task, uid: str, spool_path: str | None = None) -> str:
+        """Analyse one spooled instance, batching with any others waiting in the queue."""
+        runtime = runtime_for(self.app)
+        limit = max(runtime.settings.model.batch_size - 1, 0)
+        with collect_waiting(self.app, runtime.settings, limit) as extra:
+            if extra:
+                log.info("%s: batched with %d waiting instance(s)", uid, len(extra))
+            states = run_batch([uid, *(item.uid for item in extra)], runtime)
+        return states[uid].value
+
+    return cast(Task, analyse_instance)

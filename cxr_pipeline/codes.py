@@ -114,6 +114,39 @@ MEDIA_STORAGE_DIRECTORY = _uid.MediaStorageDirectoryStorage
 """Media Storage Directory (DICOMDIR): an index of a file set, not an image."""
 
 # --------------------------------------------------------------------------------------
+# SR/SC coded concepts (helper "encode": cxr_pipeline/encode/)
+# --------------------------------------------------------------------------------------
+
+CHEST_XRAY_PROCEDURE = Code("36554-4", "LN", "XR Chest Single view")
+"""Procedure Reported of the TID 1500 SR: LOINC "XR Chest Single view".
+
+Each SR reports on one radiograph, so the single-view LOINC code fits even where the
+study holds more views (the IHE Imaging Diagnostic Report examples use the same code
+for a one-image chest X-ray)."""
+
+CERTAINTY_OF_FINDING = Code("111012", "DCM", "Certainty of Finding")
+"""Concept name of the numeric COVID-19 probability (unit UCUM "1", range 0-1).
+
+PS3.16 defines it as "the likelihood that the finding detected is in fact the type of
+finding identified" (CID 6048, the CAD operating-point axis labels): the meaning of a
+classifier's softmax probability for the finding named in the same measurement group.
+Alternatives rejected: DCM 111047 "Probability of cancer" (cancer only) and DCM 122157
+"Probability" (no finding semantics, in no CID)."""
+
+FINDING = Code("121071", "DCM", "Finding")
+"""Concept name of the TID 1501 Finding row (value: :data:`COVID19`)."""
+
+PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
+"""Purpose of Reference of the Contributing Equipment item describing the algorithm
+(IHE AI Results: the AI model is processing equipment, its weights have the Device UID)."""
+
+SOURCE_IMAGE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
+"""Purpose of Reference (CID 7202) of the Secondary Capture's Source Image Sequence item."""
+
+BODY_PART_CHEST = "CHEST"
+"""Body Part Examined (defined term) of the Secondary Capture when the source has none."""
+
+# --------------------------------------------------------------------------------------
 # DIMSE status codes (PS3.4 Annex B / PS3.7 Annex C), used by the listener and sender
 # (section owned by the PACS service: listeners/, cxr_pipeline/send.py)
 # --------------------------------------------------------------------------------------

@@ -84,9 +84,12 @@ class OutputSettings(_Section):
     sc_series_number: int = 9902
     manufacturer: str = "cxr-pipeline"
     institution_name: str | None = None
-    heatmap_alpha: float = 0.4
-    """Opacity of the heatmap blended into the Secondary Capture."""
-    sc_max_size: int = 2048
+    heatmap_alpha: float = Field(default=0.4, ge=0.0, le=1.0)
+    """Opacity of the heatmap blended into the Secondary Capture where the map is 1
+    (opacity scales with the map value, so cold regions keep the plain radiograph)."""
+    heatmap_colormap: str = "jet"
+    """Matplotlib colormap name used to colour the heatmap."""
+    sc_max_size: int = Field(default=2048, ge=256, le=8192)
     """Longest side of the Secondary Capture (larger radiographs are downsampled)."""
 
 

@@ -1,0 +1,159 @@
+"""Read a result SR back with highdicom: what a PACS-side consumer would see.
+
+Used by the tests (write-then-read round trip) and by tools that audit stored results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from cxr_pipeline.codes import CERTAINTY_OF_FINDING, COVID19, PRESENT, SopClass
+from cxr_pipeline.errors import EncodeError
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """The content of a result SR, as read back from DICOM.
+
+    Attributes
+    ----------
+    probability
+        The COVID-19 probability (NUM "Certainty of Finding").
+    positive
+        True when the COVID-19 evaluation is Present.
+    finding
+        The Finding code of the measurement group (COVID-19).
+    evaluation
+        The coded decision (Present or Absent).
+    source_sop_instance_uid, source_sop_class_uid
+        The image the measurement group references.
+    device_uid
+        Device UID of the algorithm's Contributing Equipment item.
+    observer_device_uid
+        Device Observer UID of the observation context (same model).
+    algorithm_name, algorithm_version
+        From the Algorithm Identification (TID 4019).
+    algorithm_parameters
+        Its parameters, e.g. ``("threshold=0.5", "architecture=resnet18")``.
+    tracking_uid
+        Tracking Unique Identifier of the measurement group.
+    sop_instance_uid, series_instance_uid, study_instance_uid
+        Of the SR itself.
+    verification_flag
+        ``"UNVERIFIED"`` for every result this pipeline writes.
+    """
+
+    probability: float
+    positive: bool
+    finding: hd.sr.CodedConcept
+    evaluation: hd.sr.CodedConcept
+    source_sop_instance_uid: str
+    source_sop_class_uid: str
+    device_uid: str
+    observer_device_uid: str
+    algorithm_name: str
+    algorithm_version: str
+    algorithm_parameters: tuple[str, ...]
+    tracking_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    verification_flag: str
+
+
+def _text_values(item: Dataset, name: Code) -> list[str]:
+    found = hd.sr.utils.find_content_items(item, name=name, value_type="TEXT")
+    return [str(match.TextValue) for match in found]
+
+
+def _processing_device_uid(ds: Dataset) -> str:
+    for equipment in ds.get("ContributingEquipmentSequence", []):
+        purposes = equipment.get("PurposeOfReferenceCodeSequence", [])
+        processing = any(p.CodeValue == codes.DCM.ProcessingEquipment.value for p in purposes)
+        if processing and equipment.get("DeviceUID"):
+            return str(equipment.DeviceUID)
+    raise EncodeError("SR has no processing Contributing Equipment item with a Device UID")
+
+
+def read_structured_report(source: Dataset | Path | str) -> ReadBack:
+    """Parse a result SR with highdicom and extract the finding and its references.
+
+    Parameters
+    ----------
+    source
+        The SR as a dataset or a DICOM file path.
+
+    Returns
+    -------
+    ReadBack
+        Probability, decision, finding, references and algorithm identity.
+
+    Raises
+    ------
+    EncodeError
+        Not a Comprehensive 3D SR, or not one with the content this pipeline writes
+        (no COVID-19 measurement group, no probability, no source image, ...).
+    """
+    try:
+        ds = dcmread(source) if isinstance(source, Path | str) else source
+    except (OSError, InvalidDicomError) as exc:
+        raise EncodeError(f"cannot read SR file: {exc}") from exc
+    if str(ds.get("SOPClassUID", "")) != SopClass.COMPREHENSIVE_3D_SR:
+        raise EncodeError(f"not a Comprehensive 3D SR: SOP class {ds.get('SOPClassUID')}")
+    try:
+        sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
+        report = hd.sr.MeasurementReport.from_sequence(sr.content)
+        groups = report.get_image_measurement_groups(finding_type=COVID19)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise EncodeError(f"SR {ds.get('SOPInstanceUID')} is not TID 1500: {exc}") from exc
+    if len(groups) != 1:
+        raise EncodeError(f"expected one COVID-19 measurement group, found {len(groups)}")
+    group = groups[0]
+    measurements = group.get_measurements(name=CERTAINTY_OF_FINDING)
+    evaluations = group.get_qualitative_evaluations(name=COVID19)
+    sources = group.source_images
+    if len(measurements) != 1 or len(evaluations) != 1 or len(sources) != 1:
+        raise EncodeError(
+            "measurement group needs one probability, one evaluation and one source image"
+        )
+    observers = report.get_observer_contexts(observer_type=codes.DCM.Device)
+    if not observers:
+        raise EncodeError("SR has no device observer context")
+    observer = observers[0].observer_identifying_attributes
+    if not isinstance(observer, hd.sr.DeviceObserverIdentifyingAttributes):
+        raise EncodeError("SR observer context is not a device")
+    root = group[0]
+    names = _text_values(root, codes.DCM.AlgorithmName)
+    versions = _text_values(root, codes.DCM.AlgorithmVersion)
+    if len(names) != 1 or len(versions) != 1:
+        raise EncodeError("measurement group lacks its Algorithm Identification")
+    evaluation = evaluations[0][0].value  # the CODE item's coded value
+    finding_type = group.finding_type
+    if finding_type is None or group.tracking_uid is None:
+        raise EncodeError("measurement group lacks a finding or a tracking UID")
+    return ReadBack(
+        probability=float(measurements[0].value),
+        positive=evaluation == PRESENT,
+        finding=finding_type,
+        evaluation=evaluation,
+        source_sop_instance_uid=str(sources[0].referenced_sop_instance_uid),
+        source_sop_class_uid=str(sources[0].referenced_sop_class_uid),
+        device_uid=_processing_device_uid(ds),
+        observer_device_uid=str(observer.uid),
+        algorithm_name=names[0],
+        algorithm_version=versions[0],
+        algorithm_parameters=tuple(_text_values(root, codes.DCM.AlgorithmParameters)),
+        tracking_uid=str(group.tracking_uid),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        verification_flag=str(ds.get("VerificationFlag", "")),
+    )

@@ -1,0 +1,270 @@
+"""TID 1500 SR: built from real headers, checked by dciodvfy and DCMTK, read back."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from cxr_pipeline.codes import ABSENT, COVID19, PRESENT, SopClass
+from cxr_pipeline.encode.reading import read_structured_report
+from cxr_pipeline.encode.structured_report import build_structured_report
+from cxr_pipeline.errors import EncodeError
+from cxr_pipeline.model_card import ModelCard
+from cxr_pipeline.results import Finding
+from cxr_pipeline.settings import OutputSettings
+from tests.support.dicom3tools import dciodvfy, dsr2html, dsrdump
+
+PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+SHARED_DICOMS = (
+    "nih_dx_secondary_capture.dcm",
+    "rsna_cr_ap_jpeg_baseline.dcm",
+    "siim_cr_pa_fake_monochrome1.dcm",
+    "siim_cr_pa_jpeg_baseline.dcm",
+)
+
+
+@pytest.fixture(scope="module")
+def card() -> ModelCard:
+    return ModelCard(
+        name="test-squeezenet1_1",
+        version="0.0.1-test",
+        architecture="squeezenet1_1",
+        device_uid="2.25.314159265358979323846264338327950288",
+        threshold=0.5,
+    )
+
+
+@pytest.fixture(scope="module")
+def settings() -> OutputSettings:
+    return OutputSettings(institution_name="Test Hospital")
+
+
+@pytest.fixture(scope="module")
+def rg1_header(rg1_uncr: Path) -> Dataset:
+    return dcmread(rg1_uncr, stop_before_pixels=True)
+
+
+def _write(ds: Dataset, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _assert_valid(path: Path) -> None:
+    report = dciodvfy(path)
+    assert report.errors == [], report.output
+
+
+@pytest.mark.parametrize(
+    ("probability", "positive"), [(0.8731, True), (0.5, True), (0.1234, False)]
+)
+def test_sr_is_valid_and_reads_back(
+    rg1_header: Dataset,
+    card: ModelCard,
+    settings: OutputSettings,
+    tmp_path: Path,
+    probability: float,
+    positive: bool,
+) -> None:
+    sr = build_structured_report(rg1_header, Finding(probability, card.threshold), card, settings)
+    path = _write(sr, tmp_path, "sr.dcm")
+    _assert_valid(path)
+
+    dump = dsrdump(path)
+    assert "(126000,DCM,\"Imaging Measurement Report\")" in dump
+    assert "(121058,DCM,\"Procedure reported\")=(36554-4,LN," in dump
+    assert "(121071,DCM,\"Finding\")=(840539006,SCT,\"COVID-19\")" in dump
+    decision = PRESENT if positive else ABSENT
+    assert f"(840539006,SCT,\"COVID-19\")=({decision.value},SCT," in dump
+    assert "(111012,DCM,\"Certainty of Finding\")" in dump
+    assert "(1,UCUM," in dump
+    assert rg1_header.SOPInstanceUID in dsr2html(path)
+
+    back = read_structured_report(path)
+    assert back.probability == pytest.approx(probability, abs=1e-9)
+    assert back.positive is positive
+    assert back.finding == COVID19
+    assert back.evaluation == decision
+    assert back.source_sop_instance_uid == rg1_header.SOPInstanceUID
+    assert back.source_sop_class_uid == rg1_header.SOPClassUID
+    assert back.device_uid == card.device_uid
+    assert back.observer_device_uid == card.device_uid
+    assert back.algorithm_name == card.name
+    assert back.algorithm_version == card.version
+    assert "threshold=0.5" in back.algorithm_parameters
+    assert "architecture=squeezenet1_1" in back.algorithm_parameters
+    assert back.verification_flag == "UNVERIFIED"
+    assert back.sop_instance_uid == sr.SOPInstanceUID
+
+
+def test_sr_headers_join_the_source_study_in_a_new_series(
+    rg1_header: Dataset, card: ModelCard, settings: OutputSettings
+) -> None:
+    sr = build_structured_report(rg1_header, Finding(0.7, 0.5), card, settings)
+    for keyword in PATIENT_STUDY:
+        assert sr.get(keyword) == rg1_header.get(keyword), keyword
+    assert sr.SOPClassUID == SopClass.COMPREHENSIVE_3D_SR
+    assert sr.Modality == "SR"
+    assert sr.SeriesInstanceUID != rg1_header.SeriesInstanceUID
+    assert sr.SeriesNumber == settings.sr_series_number
+    assert sr.InstitutionName == "Test Hospital"
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.CompletionFlag == "COMPLETE"
+    assert "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == rg1_header.StudyInstanceUID
+    referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == rg1_header.SOPInstanceUID
+
+
+def test_contributing_equipment_identifies_the_model(
+    rg1_header: Dataset, card: ModelCard, settings: OutputSettings
+) -> None:
+    sr = build_structured_report(rg1_header, Finding(0.7, 0.5), card, settings)
+    items = sr.ContributingEquipmentSequence
+    ours = [item for item in items if item.get("DeviceUID")]
+    assert len(ours) == 1
+    processing = ours[0]
+    assert processing.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert processing.DeviceUID == card.device_uid
+    assert processing.Manufacturer == settings.manufacturer
+    assert processing.ManufacturerModelName == card.name
+    assert processing.SoftwareVersions == card.version
+    assert "Not for diagnostic use" in processing.ContributionDescription
+    # highdicom also records the source's acquisition equipment
+    acquisition = [
+        item for item in items if item.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"
+    ]
+    assert acquisition[0].Manufacturer == rg1_header.Manufacturer
+
+
+def test_uids_are_deterministic_per_image_and_model(
+    rg1_header: Dataset, card: ModelCard, settings: OutputSettings
+) -> None:
+    first = build_structured_report(rg1_header, Finding(0.7, 0.5), card, settings)
+    again = build_structured_report(rg1_header, Finding(0.2, 0.5), card, settings)
+    assert first.SOPInstanceUID == again.SOPInstanceUID
+    assert first.SeriesInstanceUID == again.SeriesInstanceUID
+
+    other_model = ModelCard(
+        name=card.name, version="0.0.2", architecture=card.architecture, device_uid="2.25.42"
+    )
+    moved = build_structured_report(rg1_header, Finding(0.7, 0.5), other_model, settings)
+    assert moved.SOPInstanceUID != first.SOPInstanceUID
+    assert moved.SeriesInstanceUID != first.SeriesInstanceUID
+
+    second_image = copy.deepcopy(rg1_header)
+    second_image.SOPInstanceUID = rg1_header.SOPInstanceUID + ".2"
+    sibling = build_structured_report(second_image, Finding(0.7, 0.5), card, settings)
+    assert sibling.SOPInstanceUID != first.SOPInstanceUID
+    assert sibling.SeriesInstanceUID == first.SeriesInstanceUID
+
+
+@pytest.mark.parametrize("name", SHARED_DICOMS)
+def test_sr_from_shared_radiographs(
+    shared_dicom_dir: Path, card: ModelCard, settings: OutputSettings, tmp_path: Path, name: str
+) -> None:
+    source = dcmread(shared_dicom_dir / name, stop_before_pixels=True, force=True)
+    sr = build_structured_report(source, Finding(0.61, 0.5), card, settings)
+    path = _write(sr, tmp_path, "sr.dcm")
+    _assert_valid(path)
+    back = read_structured_report(path)
+    assert back.source_sop_instance_uid == source.SOPInstanceUID
+    assert back.positive
+    stored = dcmread(path)
+    for keyword in PATIENT_STUDY:
+        assert (stored.get(keyword) or "") == (source.get(keyword) or ""), keyword
+
+
+def test_source_without_optional_attributes(
+    rg1_header: Dataset, card: ModelCard, settings: OutputSettings, tmp_path: Path
+) -> None:
+    bare = copy.deepcopy(rg1_header)
+    for keyword in (
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "ReferringPhysicianName",
+        "Manufacturer",
+        "InstitutionName",
+    ):
+        delattr(bare, keyword)
+    kept = copy.deepcopy(bare)
+    sr = build_structured_report(bare, Finding(0.3, 0.5), card, settings)
+    path = _write(sr, tmp_path, "sr.dcm")
+    _assert_valid(path)
+    stored = dcmread(path)
+    assert "PatientName" in stored and not stored.PatientName
+    assert "AccessionNumber" in stored and not stored.AccessionNumber
+    assert stored.PatientID == rg1_header.PatientID
+    assert read_structured_report(path).positive is False
+    assert bare == kept, "the caller's dataset must not be changed"
+
+
+def test_no_patient_name_in_warnings_or_logs(
+    shared_dicom_dir: Path,
+    card: ModelCard,
+    settings: OutputSettings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # single-component names make highdicom warn with the name in the message
+    source = dcmread(
+        shared_dicom_dir / "nih_dx_secondary_capture.dcm", stop_before_pixels=True, force=True
+    )
+    source.ReferringPhysicianName = "Referrer"
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sr = build_structured_report(source, Finding(0.3, 0.5), card, settings)
+    assert sr.PatientName == source.PatientName
+    texts = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    for text in texts:
+        assert str(source.PatientName) not in text
+        assert "Referrer" not in text
+
+
+@pytest.mark.parametrize("probability", [float("nan"), -0.1, 1.5])
+def test_invalid_probability_is_a_typed_error(
+    rg1_header: Dataset, card: ModelCard, settings: OutputSettings, probability: float
+) -> None:
+    with pytest.raises(EncodeError):
+        build_structured_report(rg1_header, Finding(probability, 0.5), card, settings)
+
+
+def test_source_without_sop_instance_uid_is_a_typed_error(
+    rg1_header: Dataset, card: ModelCard, settings: OutputSettings
+) -> None:
+    broken = copy.deepcopy(rg1_header)
+    del broken.SOPInstanceUID
+    with pytest.raises(EncodeError, match="SOPInstanceUID"):
+        build_structured_report(broken, Finding(0.5, 0.5), card, settings)
+
+
+def test_reading_a_non_result_sr_is_a_typed_error(rg1_header: Dataset, tmp_path: Path) -> None:
+    with pytest.raises(EncodeError):
+        read_structured_report(rg1_header)
+    not_dicom = tmp_path / "x.dcm"
+    not_dicom.write_bytes(b"not a dicom file")
+    with pytest.raises(EncodeError):
+        read_structured_report(not_dicom)

@@ -174,3 +174,15 @@ STORE_SUCCESS_STATUSES: frozenset[int] = frozenset(
     }
 )
 """C-STORE statuses meaning the peer stored the object (success or warning)."""
+
+# --------------------------------------------------------------------------------------
+# Ingest: transfer syntaxes with a reduced-resolution decode (helper "ingest": decode.py)
+# --------------------------------------------------------------------------------------
+
+JPEG2000_TRANSFER_SYNTAXES: frozenset[str] = frozenset({_uid.JPEG2000Lossless, _uid.JPEG2000})
+"""JPEG 2000: decoded at a lower wavelet resolution level when a smaller image is asked for."""
+
+DCT_JPEG_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
+    {_uid.JPEGBaseline8Bit, _uid.JPEGExtended12Bit}
+)
+"""DCT JPEG: 8-bit data decoded with libjpeg's 1/2, 1/4, 1/8 scaling when asked for."""

@@ -35,6 +35,9 @@ class IngestSettings(_Section):
     """Modalities analysed when the SOP class is a radiography class (CR, DX)."""
     accept_secondary_capture: bool = True
     """Also analyse Secondary Capture / other 2D X-ray objects whose headers say chest."""
+    secondary_capture_modalities: list[str] = Field(default_factory=lambda: ["CR", "DX", "RG"])
+    """Modalities that mark a Secondary Capture as an X-ray image. Such an SC is analysed
+    when its geometry is a radiograph's and no header names another body part."""
     chest_body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX", "LUNG"])
     """Body Part Examined values (upper-cased) that mean chest."""
     require_body_part: bool = False
@@ -44,6 +47,40 @@ class IngestSettings(_Section):
         default_factory=lambda: ["PA", "AP", "LL", "RL", "LATERAL", "AP SUPINE", ""]
     )
     """View Position values compatible with a chest radiograph ("" = absent)."""
+    non_chest_terms: list[str] = Field(
+        default_factory=lambda: [
+            "SKULL",
+            "HEAD",
+            "NECK",
+            "CSPINE",
+            "TSPINE",
+            "LSPINE",
+            "SPINE",
+            "ABDOMEN",
+            "PELVIS",
+            "HIP",
+            "SHOULDER",
+            "CLAVICLE",
+            "HUMERUS",
+            "ELBOW",
+            "FOREARM",
+            "WRIST",
+            "HAND",
+            "FINGER",
+            "FEMUR",
+            "KNEE",
+            "TIBIA",
+            "ANKLE",
+            "FOOT",
+            "EXTREMITY",
+            "BREAST",
+            "MAMMOGRAM",
+            "DENTAL",
+            "JAW",
+        ]
+    )
+    """Words that, found in Study/Series Description or Protocol Name of an image without
+    Body Part Examined, show it is not a chest radiograph."""
     min_size: int = 128
     """Smallest accepted Rows and Columns."""
     max_size: int = 8192

@@ -361,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=(args.loglevel or settings.log_level).upper(),
         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
     )
+    # highdicom logs every copied module and pynetdicom every PDU at INFO.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # Imported here: the listener imports this module and must not load torch.
     from workers.tasks import register_tasks
 

@@ -8,22 +8,21 @@ real Orthanc as the PACS and DCMTK ``storescu`` as the modality.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 import redis
 
 from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.settings import Settings, load_settings
-from tests.conftest import REPO_ROOT
 from tests.conftest import testdata as dicom_testdata
+from tests.support.orthanc import orthanc_available, running_orthanc
 from tests.support.redis_server import RedisServer, free_port, redis_server  # noqa: F401
+from tests.support.services import running_listener, running_worker, write_config
 from workers.celery_app import (
     TASK_ANALYSE,
     CeleryJobQueue,
@@ -187,3 +186,108 @@ def test_collector_returns_after_waiting_when_queue_is_empty(
         assert 0.15 <= time.monotonic() - start < 5
     finally:
         app.close()
+
+
+def _wait_ledger(ledger: Ledger, uids: list[str], timeout_s: float) -> dict[str, JobState]:
+    deadline = time.monotonic() + timeout_s
+    states: dict[str, JobState] = {}
+    while time.monotonic() < deadline:
+        records = {uid: ledger.get(uid) for uid in uids}
+        states = {uid: r.state for uid, r in records.items() if r is not None}
+        finished = (JobState.DONE, JobState.SKIPPED, JobState.FAILED)
+        if len(states) == len(uids) and all(s in finished for s in states.values()):
+            return states
+        time.sleep(0.5)
+    return states
+
+
+@pytest.mark.slow
+def test_listener_and_separate_worker_process_deliver_results_to_orthanc(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    shared_dicom_dir: Path,
+) -> None:
+    """storescu -> cxr-listen --broker -> Redis -> cxr-worker -> SR + SC in Orthanc's study.
+
+    The worker starts only after every image is queued, so it must take the backlog as
+    one micro-batch (one forward pass) through the collector.
+    """
+    if not orthanc_available():
+        pytest.skip("Orthanc binary not installed (Debian package 'orthanc')")
+    if shutil.which("storescu") is None:
+        pytest.skip("DCMTK storescu not installed")
+    sources = [
+        dicom_testdata("RG1_UNCR.dcm"),
+        shared_dicom_dir / "siim_cr_pa_jpeg_baseline.dcm",
+        shared_dicom_dir / "rsna_cr_ap_jpeg_baseline.dcm",
+    ]
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sources]
+    uids = [str(h.SOPInstanceUID) for h in headers]
+    listen_port = free_port()
+    data_dir = tmp_path / "data"
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        for path in sources:  # the PACS already holds the source images
+            pacs.upload(path)
+        config = write_config(
+            tmp_path / "cxr.toml",
+            {"data_dir": data_dir, "log_level": "INFO"},
+            {
+                "model": {"checkpoint": tiny_checkpoint, "device": "cpu", "batch_size": 8},
+                "explain": {"method": "gradcam"},
+                "listener": {"host": "127.0.0.1", "port": listen_port, "min_free_bytes": 0},
+                "worker": {"broker_url": redis_server.url, "micro_batch_wait_s": 0.5},
+                "send": {"max_attempts": 3, "backoff_initial_s": 0.5},
+                "send.destinations": [
+                    {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}
+                ],
+            },
+        )
+        with running_listener(
+            config, listen_port, tmp_path / "listener.log", broker=redis_server.url
+        ) as listener:
+            sent = subprocess.run(
+                [
+                    "storescu",
+                    "-xy",  # also propose JPEG Baseline (the shared files are JPEG)
+                    "-aet",
+                    "MODALITY",
+                    "-aec",
+                    "CXR_PIPELINE",
+                    "127.0.0.1",
+                    str(listen_port),
+                    *map(str, sources),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert sent.returncode == 0, sent.stderr + listener.log_tail()
+            client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+            deadline = time.monotonic() + 30
+            while client.llen("cxr") < len(uids) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert client.llen("cxr") == len(uids), listener.log_tail()
+
+            with running_worker(config, tmp_path / "worker.log") as worker:
+                ledger = Ledger(data_dir / "ledger.sqlite3")
+                states = _wait_ledger(ledger, uids, timeout_s=300)
+                assert states == dict.fromkeys(uids, JobState.DONE), worker.log_tail()
+                log_text = worker.log_text()
+                assert f"batched with {len(uids) - 1} waiting" in log_text, worker.log_tail()
+                assert f"micro-batch of {len(uids)} images classified" in log_text
+
+        assert client.llen("cxr") == 0 and client.hlen("unacked") == 0
+        for header in headers:
+            study = str(header.StudyInstanceUID)
+            found = pacs.wait_for_instances(study, 3, timeout_s=60)
+            tags = [pacs.get_instance_tags(i) for i in found]
+            results = [t for t in tags if t["SOPInstanceUID"] != header.SOPInstanceUID]
+            assert sorted(t["Modality"] for t in results)[-1] == "SR", pacs.log_tail()
+            assert len(results) == 2
+            for t in results:
+                assert t["StudyInstanceUID"] == study
+                assert t["SeriesInstanceUID"] != header.SeriesInstanceUID
+            record = ledger.get(str(header.SOPInstanceUID))
+            assert record is not None
+            assert sorted(record.result_uids) == sorted(t["SOPInstanceUID"] for t in results)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
+import pydicom
 import pytest
 
+from cxr_pipeline.batch.cli import main as cli_main
+from cxr_pipeline.batch.cli import parse_destination
 from cxr_pipeline.batch.report import (
     COLUMNS,
     CSV_NAME,
@@ -16,10 +20,17 @@ from cxr_pipeline.batch.report import (
     ReportWriter,
     Row,
     Status,
+    Summary,
     read_rows,
 )
+from cxr_pipeline.batch.runner import BatchOptions, run_batch
 from cxr_pipeline.batch.walker import FileKind, InputFile, detect_kind, walk
+from cxr_pipeline.encode.reading import read_structured_report
 from cxr_pipeline.errors import ConfigError
+from cxr_pipeline.inference import Predictor
+from cxr_pipeline.ingest import load_picture, load_radiograph
+from cxr_pipeline.preprocess import preprocess
+from cxr_pipeline.settings import Destination, Settings, load_settings
 from tests.conftest import testdata as data_file
 from tests.support.batch_tree import build_tree
 
@@ -143,3 +154,144 @@ def test_rows_of_files_not_in_this_run_are_kept(tmp_path: Path) -> None:
         report.write(Row.for_file(_item(one), status=Status.DONE.value))
     with ReportWriter.open(out, [_item(two)]) as report:
         assert report.finished == {_item(one).key}
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+@pytest.fixture(scope="session")
+def batch_settings(tiny_checkpoint: Path) -> Settings:
+    return load_settings(
+        None,
+        model={"checkpoint": str(tiny_checkpoint), "device": "cpu"},
+        batch={"decode_workers": 1, "batch_size": 4},
+    )
+
+
+@pytest.fixture(scope="session")
+def first_run(
+    mixed_tree: tuple[Path, dict[str, tuple[str, str]]],
+    batch_settings: Settings,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, Summary]:
+    root, _ = mixed_tree
+    out = tmp_path_factory.mktemp("batch-out")
+    seen: list[Row] = []
+    summary = run_batch(
+        [root], out, batch_settings, BatchOptions(write_sr=True), on_row=seen.append
+    )
+    assert seen == summary.rows
+    return out, summary
+
+
+def _rows_by_rel(out: Path, root: Path) -> dict[str, Row]:
+    rows = read_rows(out / JSONL_NAME)
+    by_rel = {str(Path(r.path).relative_to(root)): r for r in rows}
+    assert len(by_rel) == len(rows), "one row per file"
+    return by_rel
+
+
+def test_every_file_gets_exactly_one_row_with_the_right_status(
+    mixed_tree: tuple[Path, dict[str, tuple[str, str]]], first_run: tuple[Path, Summary]
+) -> None:
+    root, expected = mixed_tree
+    out, summary = first_run
+    rows = _rows_by_rel(out, root)
+    assert set(rows) == set(expected)
+    for rel, (status, reasons) in expected.items():
+        row = rows[rel]
+        assert row.status == status, (rel, row.status, row.reason, row.detail)
+        if reasons:
+            assert row.reason in reasons.split("|"), (rel, row.reason)
+        if status == "done":
+            assert row.probability is not None and 0.0 <= row.probability <= 1.0
+            assert row.positive == (row.probability >= 0.5)
+            assert row.model_name == "test-squeezenet1_1" and row.model_version == "0.0.1-test"
+            assert row.decode_ms is not None and row.infer_ms is not None
+        else:
+            assert row.probability is None and row.detail
+    done = sum(1 for s, _ in expected.values() if s == "done")
+    assert summary.counts["done"] == done and summary.classified == done
+    assert summary.counts["skipped"] + summary.counts["failed"] == len(expected) - done
+    assert not summary.interrupted and summary.images_per_s > 0
+    assert rows["chest/raw_dataset"].sop_instance_uid  # DICOM rows carry the source UIDs
+    assert rows["other/tibia_cr.dcm"].sop_instance_uid
+
+
+def test_batched_probability_equals_one_image_in_process(
+    mixed_tree: tuple[Path, dict[str, tuple[str, str]]],
+    first_run: tuple[Path, Summary],
+    batch_settings: Settings,
+) -> None:
+    root, _ = mixed_tree
+    out, _ = first_run
+    rows = _rows_by_rel(out, root)
+    predictor = Predictor.from_settings(batch_settings.model)
+    spec = predictor.card.preprocessing
+    max_side = batch_settings.batch.decode_max_side
+    for rel in ("chest/dx_mono1_j2k.dcm", "chest/a/b/cr_jpegls", "chest/raw_dataset"):
+        image = load_radiograph(
+            pydicom.dcmread(root / rel, force=True), batch_settings.ingest, max_side=max_side
+        )
+        alone = float(predictor.predict_tensors(preprocess(image.pixels, spec)[None])[0])
+        assert rows[rel].probability == pytest.approx(alone, abs=1e-5)
+        assert rows[rel].sop_instance_uid == image.sop_instance_uid
+    picture = preprocess(load_picture(root / "pictures" / "nih.png"), spec)[None]
+    alone = float(predictor.predict_tensors(picture)[0])
+    assert rows["pictures/nih.png"].probability == pytest.approx(alone, abs=1e-5)
+
+
+def test_written_sr_reads_back_with_the_row_probability(
+    mixed_tree: tuple[Path, dict[str, tuple[str, str]]], first_run: tuple[Path, Summary]
+) -> None:
+    root, _ = mixed_tree
+    out, _ = first_run
+    row = _rows_by_rel(out, root)["chest/cr_explicit_le.dcm"]
+    (sr_path,) = row.outputs
+    back = read_structured_report(out / sr_path)
+    assert back.probability == pytest.approx(row.probability, abs=1e-6)
+    assert back.source_sop_instance_uid == row.sop_instance_uid
+    assert back.study_instance_uid == row.study_instance_uid
+    assert _rows_by_rel(out, root)["pictures/nih.png"].outputs == []
+
+
+def test_second_run_does_nothing_new_and_retry_failed_redoes_only_failures(
+    mixed_tree: tuple[Path, dict[str, tuple[str, str]]],
+    first_run: tuple[Path, Summary],
+    batch_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    root, expected = mixed_tree
+    out, _ = first_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = (copy / JSONL_NAME).read_bytes()
+    again = run_batch([root], copy, batch_settings, BatchOptions(write_sr=True))
+    assert sum(again.counts.values()) == 0 and again.already_done == len(expected)
+    assert (copy / JSONL_NAME).read_bytes() == before
+
+    retry = batch_settings.model_copy(
+        update={"batch": batch_settings.batch.model_copy(update={"retry_failed": True})}
+    )
+    redone = run_batch([root], copy, retry, BatchOptions())
+    failed = {k for k, (s, _) in expected.items() if s == "failed"}
+    assert {str(Path(r.path).relative_to(root)) for r in redone.rows} == failed
+    assert set(_rows_by_rel(copy, root)) == set(expected)
+
+
+def test_parse_destination() -> None:
+    assert parse_destination("ORTHANC@127.0.0.1:4242") == Destination(
+        ae_title="ORTHANC", host="127.0.0.1", port=4242
+    )
+    for bad in ("ORTHANC@host", "host:104", "@h:1", "AE@h:0", "AE@h:x", "A" * 17 + "@h:1"):
+        with pytest.raises(ConfigError):
+            parse_destination(bad)
+
+
+def test_cli_refuses_bad_options_with_a_clear_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main([str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "neither a file nor a folder" in capsys.readouterr().err
+    assert cli_main([str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
+    assert cli_main([str(tmp_path), "--out", str(tmp_path / "o"), "--send", "X@h:1"]) == 2

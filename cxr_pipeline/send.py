@@ -1,7 +1,10 @@
 """C-STORE SCU: send result objects (SR, SC) to a DICOM peer with pynetdicom.
 
-One association per call. Each dataset's SOP class is proposed with its own transfer
-syntax plus Explicit and Implicit VR Little Endian as a fallback; pynetdicom converts
+One association per call. Each dataset's SOP class is proposed in one presentation
+context per own transfer syntax, plus one with Explicit and Implicit VR Little Endian
+as the fallback (separate contexts, because an acceptor picks by its own preference
+within a context and might otherwise take the fallback over a syntax it supports);
+pynetdicom converts
 between uncompressed syntaxes itself, and a compressed dataset whose syntax the peer
 refuses is decompressed (pydicom pixel handlers) before sending. Any refusal, abort,
 timeout or non-success status raises :class:`~cxr_pipeline.errors.SendError`
@@ -51,21 +54,19 @@ def dataset_transfer_syntax(ds: Dataset) -> UID:
     return ExplicitVRLittleEndian
 
 
-def _contexts(datasets: Sequence[Dataset]) -> dict[str, list[str]]:
-    """SOP class -> proposed transfer syntaxes (own syntaxes first, then the fallbacks)."""
-    proposed: dict[str, list[str]] = {}
+def _contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
+    """Presentation contexts to propose: (SOP class, transfer syntaxes), no duplicates."""
+    proposed: list[tuple[str, list[str]]] = []
     for ds in datasets:
         if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
             raise SendError("dataset to send has no SOP Class UID or SOP Instance UID")
-        syntaxes = proposed.setdefault(str(ds.SOPClassUID), [])
+        sop_class = str(ds.SOPClassUID)
         own = str(dataset_transfer_syntax(ds))
-        if own not in syntaxes:
-            syntaxes.insert(0, own)
-        for fallback in _FALLBACK_SYNTAXES:
-            if fallback not in syntaxes:
-                syntaxes.append(fallback)
+        for context in ((sop_class, [own]), (sop_class, list(_FALLBACK_SYNTAXES))):
+            if context not in proposed and not (own in _FALLBACK_SYNTAXES and context[1] == [own]):
+                proposed.append(context)
     if len(proposed) > _MAX_CONTEXTS:
-        raise SendError(f"{len(proposed)} SOP classes exceed one association's contexts")
+        raise SendError(f"{len(proposed)} presentation contexts exceed one association's")
     return proposed
 
 
@@ -78,7 +79,8 @@ def _as_accepted(ds: Dataset, accepted: set[str]) -> Dataset:
         raise SendError(f"peer accepted no usable transfer syntax for {ds.SOPInstanceUID}")
     plain = copy.deepcopy(ds)
     try:
-        plain.decompress()
+        # Same SOP Instance UID: only the encoding changes (PS3.5 10.1, 8.2).
+        plain.decompress(generate_instance_uid=False)
     except Exception as exc:  # pydicom raises several types for undecodable pixel data
         raise SendError(f"cannot decompress {ds.SOPInstanceUID} for sending: {exc}") from exc
     return plain
@@ -111,7 +113,7 @@ def send_datasets(
     ae.dimse_timeout = settings.timeout_s
     ae.network_timeout = settings.timeout_s
     ae.connection_timeout = settings.timeout_s
-    for sop_class, syntaxes in _contexts(datasets).items():
+    for sop_class, syntaxes in _contexts(datasets):
         ae.add_requested_context(sop_class, syntaxes)
 
     peer = f"{destination.ae_title}@{destination.host}:{destination.port}"

@@ -71,7 +71,7 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Write a file atomically and durably.
 
     Parameters
@@ -128,7 +128,7 @@ class Spool:
         """
         return self.incoming / f"{validate_uid(sop_instance_uid)}{SUFFIX}"
 
-    def store(self, sop_instance_uid: str, write: Callable[[BinaryIO], None]) -> Path:
+    def store(self, sop_instance_uid: str, write: Callable[[BinaryIO], object]) -> Path:
         """Durably store one received object.
 
         Parameters

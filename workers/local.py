@@ -39,6 +39,10 @@ class LocalWorkerPool:
         A loaded engine to share; None builds one from ``settings`` (loads the model).
     sleep
         Waits between send attempts (injectable for tests).
+    sweep
+        Run a background sweep that queues ledger rows left RECEIVED for longer than
+        ``worker.requeue_after_s`` (e.g. FAILED jobs moved back by
+        ``cxr-status --requeue-failed``), every ``worker.requeue_interval_s``.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class LocalWorkerPool:
         *,
         engine: Engine | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        sweep: bool = True,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -65,6 +70,11 @@ class LocalWorkerPool:
             threading.Thread(target=self._run, name=f"cxr-worker-{i}", daemon=True)
             for i in range(max(settings.worker.concurrency, 1))
         ]
+        self._stop = threading.Event()
+        if sweep:
+            self._threads.append(
+                threading.Thread(target=self._sweep_loop, name="cxr-requeue", daemon=True)
+            )
         for thread in self._threads:
             thread.start()
 
@@ -119,10 +129,36 @@ class LocalWorkerPool:
             if self._closed:
                 return
             self._closed = True
+        self._stop.set()
         for _ in self._threads:
             self._queue.put(_STOP)
         for thread in self._threads:
             thread.join()
+
+    def sweep_once(self) -> list[str]:
+        """Queue the rows that stayed RECEIVED longer than ``worker.requeue_after_s``.
+
+        Returns
+        -------
+        list of str
+            The UIDs queued.
+        """
+        cutoff = time.time() - self.settings.worker.requeue_after_s
+        stale = [
+            r.sop_instance_uid
+            for r in self.ledger.unfinished()
+            if r.state == JobState.RECEIVED and r.updated_at <= cutoff
+        ]
+        for uid in stale:
+            self.enqueue(uid)
+        return stale
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.settings.worker.requeue_interval_s):
+            try:
+                self.sweep_once()
+            except Exception as exc:  # keep sweeping; the ledger may be busy
+                log.warning("re-enqueue sweep failed: %s", type(exc).__name__)
 
     def _run(self) -> None:
         while True:

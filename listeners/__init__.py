@@ -1,0 +1,1 @@
+"""The DICOM network side: ``cxr-listen`` (C-STORE SCP) and ``cxr-status``."""

@@ -1,0 +1,130 @@
+"""The thin C-STORE and C-ECHO handlers of ``cxr-listen``.
+
+Check, spool durably, record, enqueue, return a status: nothing slow happens here
+(pynetdicom's event-handler model). An exception never escapes: it becomes a named
+failure status and a log line with UIDs only, never patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pynetdicom.events import Event
+
+from cxr_pipeline.codes import DimseStatus
+from cxr_pipeline.errors import InvalidUid, RejectedInput
+from cxr_pipeline.ingest import check_chest_radiograph
+from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.settings import Settings
+from cxr_pipeline.spool import Spool, validate_uid
+from workers.queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+
+def _calling_ae(event: Event) -> str:
+    return str(event.assoc.requestor.ae_title).strip()
+
+
+@dataclass
+class StoreHandler:
+    """The C-STORE SCP's work for one received object.
+
+    Parameters
+    ----------
+    settings
+        All settings (listener watermark, ingest policy).
+    spool, ledger, queue
+        Where objects are written, recorded and handed over.
+    """
+
+    settings: Settings
+    spool: Spool
+    ledger: Ledger
+    queue: JobQueue
+
+    def __call__(self, event: Event) -> int:
+        """Handle ``evt.EVT_C_STORE``; return the C-STORE status."""
+        uid = "?"
+        try:
+            uid = validate_uid(str(getattr(event.request, "AffectedSOPInstanceUID", "")))
+            return self.store(event, uid)
+        except InvalidUid:
+            log.error("C-STORE from %s refused: invalid SOP Instance UID", _calling_ae(event))
+            return DimseStatus.CANNOT_UNDERSTAND
+        except Exception as exc:
+            # Only the type: messages of third-party errors may quote header values.
+            log.error("C-STORE of %s failed: %s", uid, type(exc).__name__)
+            log.debug("C-STORE of %s traceback", uid, exc_info=True)
+            return DimseStatus.CANNOT_UNDERSTAND
+
+    def store(self, event: Event, uid: str) -> int:
+        """Spool, record, check and enqueue one object (exceptions propagate).
+
+        Parameters
+        ----------
+        event
+            The C-STORE event.
+        uid
+            Its validated SOP Instance UID.
+
+        Returns
+        -------
+        int
+            The C-STORE status.
+        """
+        free = self.spool.free_bytes()
+        if free < self.settings.listener.min_free_bytes:
+            log.error(
+                "spool below its free-space watermark (%d < %d bytes): refusing %s",
+                free,
+                self.settings.listener.min_free_bytes,
+                uid,
+            )
+            return DimseStatus.OUT_OF_RESOURCES
+        # The object exactly as received (file meta + data set in the accepted transfer
+        # syntax), on disk and fsynced before we answer Success.
+        encoded = event.encoded_dataset(include_meta=True)
+        path = self.spool.store(uid, lambda handle: handle.write(encoded))
+        ds: Dataset = event.dataset
+        study_uid = str(ds.get("StudyInstanceUID", "") or "")
+        calling_ae = _calling_ae(event)
+        if not self.ledger.record_received(
+            uid, study_uid=study_uid, calling_ae=calling_ae, spool_path=path
+        ):
+            return self._known(uid)
+        try:
+            check_chest_radiograph(ds, self.settings.ingest)
+        except RejectedInput as exc:
+            self.ledger.mark(uid, JobState.SKIPPED, reason=str(exc))
+            log.info("%s from %s skipped: %s", uid, calling_ae, exc.reason.value)
+            if not self.settings.listener.keep_received_files:
+                self.spool.remove(uid)
+            return DimseStatus.SUCCESS
+        self.queue.enqueue(uid)
+        log.info("%s from %s received and queued", uid, calling_ae)
+        return DimseStatus.SUCCESS
+
+    def _known(self, uid: str) -> int:
+        """Handle a re-sent object: finished jobs stay finished, failed ones run again."""
+        record = self.ledger.get(uid)
+        state = record.state if record is not None else None
+        if state is JobState.FAILED:
+            self.ledger.mark(uid, JobState.RECEIVED)
+            self.queue.enqueue(uid)
+            log.info("%s received again after failing: queued again", uid)
+        else:
+            log.info("%s received again (state %s): nothing to do", uid, state)
+            if state in (JobState.DONE, JobState.SKIPPED) and not (
+                self.settings.listener.keep_received_files
+            ):
+                self.spool.remove(uid)
+        return DimseStatus.SUCCESS
+
+
+def handle_echo(event: Event) -> int:
+    """Handle ``evt.EVT_C_ECHO``: always Success."""
+    log.debug("C-ECHO from %s", _calling_ae(event))
+    return DimseStatus.SUCCESS

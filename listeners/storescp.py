@@ -1,0 +1,236 @@
+"""``cxr-listen``: the C-STORE SCP that receives chest radiographs from a PACS.
+
+Accepts Verification and every storage SOP class (chest radiographs are analysed;
+anything else auto-routed here is acknowledged and recorded as skipped) in the
+transfer syntaxes we decode. Calling AE allow-list, optional Called AE check, maximum
+associations and TLS come from ``[listener]`` settings. Without a broker the jobs run
+in this process (:class:`workers.local.LocalWorkerPool`); with ``--broker`` they go to
+Celery workers. On start, every unfinished job in the ledger is queued again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from cxr_pipeline.codes import ANALYSABLE_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES, SopClass
+from cxr_pipeline.errors import CxrError
+from cxr_pipeline.ledger import Ledger
+from cxr_pipeline.settings import Settings, load_settings
+from cxr_pipeline.spool import Spool
+from listeners.handlers import StoreHandler, handle_echo
+from listeners.tls import server_context
+from workers.queue import JobQueue, ledger_path, make_queue, spool_root
+
+log = logging.getLogger("listeners.storescp")
+
+
+def build_ae(settings: Settings) -> AE:
+    """Build the pynetdicom AE with our contexts and association policy.
+
+    Parameters
+    ----------
+    settings
+        ``[listener]``: AE title, allowed calling AEs, called-AE check, max associations.
+
+    Returns
+    -------
+    pynetdicom.AE
+        Not yet listening.
+    """
+    listener = settings.listener
+    ae = AE(ae_title=listener.ae_title)
+    ae.add_supported_context(SopClass.VERIFICATION)
+    storage = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+    # Analysable classes first so they are present even if pynetdicom's list changes.
+    for sop_class in sorted(ANALYSABLE_SOP_CLASSES) + sorted(storage - ANALYSABLE_SOP_CLASSES):
+        ae.add_supported_context(sop_class, list(SUPPORTED_TRANSFER_SYNTAXES))
+    if listener.allowed_calling_aes:
+        # pynetdicom rejects others with result "rejected-permanent", source "service-user",
+        # reason 3 "calling AE title not recognised" (PS3.8 9.3.4).
+        ae.require_calling_aet = list(listener.allowed_calling_aes)
+    ae.require_called_aet = listener.require_called_ae
+    ae.maximum_associations = listener.max_associations
+    return ae
+
+
+@dataclass
+class Service:
+    """A running listener: the server, its queue, ledger and spool."""
+
+    settings: Settings
+    server: ThreadedAssociationServer
+    queue: JobQueue
+    ledger: Ledger
+    spool: Spool
+
+    @property
+    def port(self) -> int:
+        """The TCP port actually bound (useful with port 0)."""
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting associations, then let the queue finish and close."""
+        self.server.shutdown()
+        self.queue.close()
+
+
+def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Service:
+    """Open spool and ledger, start the queue, re-queue unfinished work and listen.
+
+    Parameters
+    ----------
+    settings
+        All settings.
+    queue
+        The queue to use; None builds the one the settings ask for (may load the model).
+
+    Returns
+    -------
+    Service
+        Listening in background threads; call :meth:`Service.stop`.
+
+    Raises
+    ------
+    ConfigError
+        Bad TLS files or other invalid settings.
+    OSError
+        The port cannot be bound.
+    """
+    spool = Spool(spool_root(settings))
+    ledger = Ledger(ledger_path(settings))
+    queue = queue if queue is not None else make_queue(settings, ledger, spool)
+    unfinished = ledger.unfinished()
+    for record in unfinished:
+        queue.enqueue(record.sop_instance_uid)
+    if unfinished:
+        log.info("queued %d unfinished jobs again", len(unfinished))
+    ae = build_ae(settings)
+    listener = settings.listener
+    try:
+        server = ae.start_server(
+            (listener.host, listener.port),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_C_STORE, StoreHandler(settings, spool, ledger, queue)),
+                (evt.EVT_C_ECHO, handle_echo),
+            ],
+            ssl_context=server_context(listener.tls),
+        )
+    except BaseException:
+        queue.close()
+        raise
+    if server is None:  # only when block=True
+        raise RuntimeError("pynetdicom returned no server")
+    service = Service(settings=settings, server=server, queue=queue, ledger=ledger, spool=spool)
+    log.info(
+        "listening as %s on %s:%d (tls=%s, queue=%s)",
+        listener.ae_title,
+        listener.host,
+        service.port,
+        listener.tls.enabled,
+        type(queue).__name__,
+    )
+    return service
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cxr-listen", description="Receive chest radiographs over DICOM and analyse them."
+    )
+    parser.add_argument("--port", type=int, help="TCP port (default: listener.port)")
+    parser.add_argument("--ae-title", help="our AE title (default: listener.ae_title)")
+    parser.add_argument("--host", help="address to bind (default: listener.host)")
+    parser.add_argument("--config", type=Path, help="TOML settings file (default: $CXR_CONFIG)")
+    parser.add_argument("--data-dir", type=Path, help="spool, ledger and outbox root")
+    parser.add_argument("--broker", help="Celery broker URL (default: embedded workers)")
+    parser.add_argument("--log-level", help="logging level (default: log_level)")
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Load settings with the command-line options on top.
+
+    Parameters
+    ----------
+    args
+        Parsed ``cxr-listen`` options.
+
+    Returns
+    -------
+    Settings
+        The merged settings.
+    """
+    listener: dict[str, Any] = {}
+    for option, key in (("port", "port"), ("ae_title", "ae_title"), ("host", "host")):
+        value = getattr(args, option)
+        if value is not None:
+            listener[key] = value
+    overrides: dict[str, Any] = {}
+    if listener:
+        overrides["listener"] = listener
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    if args.broker is not None:
+        overrides["worker"] = {"broker_url": args.broker}
+    if args.log_level is not None:
+        overrides["log_level"] = args.log_level
+    return load_settings(args.config, **overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cxr-listen`` until SIGINT or SIGTERM.
+
+    Returns
+    -------
+    int
+        0 after a clean shutdown, 2 for invalid settings, 1 if the port cannot be bound.
+    """
+    args = _parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except CxrError as exc:
+        logging.basicConfig(level=logging.INFO)
+        log.error("%s", exc)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom logs every PDU at INFO; keep its chatter down.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        service = start_service(settings)
+    except CxrError as exc:
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.listener.host, settings.listener.port, exc)
+        return 1
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    # Machines and tests parse this line to know the listener is ready.
+    print(f"cxr-listen ready on port {service.port}", flush=True)
+    stop.wait()
+    log.info("shutting down")
+    service.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

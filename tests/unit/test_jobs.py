@@ -1,0 +1,181 @@
+"""process_job on real files with a real (tiny, seeded) model and a real C-STORE peer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from cxr_pipeline.codes import DimseStatus, SopClass
+from cxr_pipeline.jobs import backoff_delays, destinations_for, process_job
+from cxr_pipeline.ledger import JobRecord, JobState, Ledger
+from cxr_pipeline.pipeline import Engine
+from cxr_pipeline.settings import Destination, SendSettings, Settings, load_settings
+from cxr_pipeline.spool import Spool
+from tests.conftest import testdata as data_file
+from tests.support.dicom_network import recording_scp
+
+
+@pytest.fixture(scope="module")
+def base_engine(tiny_checkpoint: Path) -> Engine:
+    settings = load_settings(
+        model={"checkpoint": str(tiny_checkpoint), "device": "cpu"},
+        explain={"method": "gradcam"},
+    )
+    return Engine.from_settings(settings)
+
+
+def _engine(base: Engine, tmp: Path, **send: object) -> Engine:
+    merged = base.settings.model_dump()
+    merged["data_dir"] = str(tmp)
+    merged["send"] = {**merged["send"], "backoff_initial_s": 1.0, **send}
+    return Engine(settings=Settings.model_validate(merged), predictor=base.predictor)
+
+
+class Service:
+    def __init__(self, root: Path) -> None:
+        self.spool = Spool(root / "spool")
+        self.ledger = Ledger(root / "ledger.sqlite3")
+
+    def receive(self, name: str, calling_ae: str = "PACS") -> str:
+        source = data_file(name)
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        uid = str(ds.SOPInstanceUID)
+        path = self.spool.store(uid, lambda f: f.write(source.read_bytes()))
+        self.ledger.record_received(
+            uid, study_uid=str(ds.StudyInstanceUID), calling_ae=calling_ae, spool_path=path
+        )
+        return uid
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    yield Service(tmp_path)
+
+
+def test_chest_radiograph_is_analysed_sent_and_recorded(
+    base_engine: Engine, service: Service, tmp_path: Path
+) -> None:
+    uid = service.receive("RG1_UNCR.dcm")
+    source = pydicom.dcmread(data_file("RG1_UNCR.dcm"), stop_before_pixels=True)
+    with recording_scp() as scp:
+        engine = _engine(
+            base_engine,
+            tmp_path,
+            destinations=[{"ae_title": scp.ae_title, "host": "127.0.0.1", "port": scp.port}],
+        )
+        assert process_job(uid, engine, service.ledger, service.spool) is JobState.DONE
+        record = service.ledger.get(uid)
+        assert record is not None and record.state is JobState.DONE and record.attempts == 1
+        classes = [str(d.SOPClassUID) for d in scp.received]
+        assert classes == [SopClass.COMPREHENSIVE_3D_SR, SopClass.SECONDARY_CAPTURE]
+        assert record.result_uids == tuple(str(d.SOPInstanceUID) for d in scp.received)
+        for result in scp.received:
+            assert result.StudyInstanceUID == source.StudyInstanceUID
+            assert result.SeriesInstanceUID != source.SeriesInstanceUID
+        # Done: outbox cleared, received file removed (keep_received_files is False).
+        assert service.spool.outbox_files(uid) == []
+        assert not service.spool.exists(uid)
+        # Idempotent: a second run sends nothing and keeps the state.
+        assert process_job(uid, engine, service.ledger, service.spool) is JobState.DONE
+        assert len(scp.received) == 2
+
+
+def test_non_chest_image_is_skipped_with_reason(
+    base_engine: Engine, service: Service, tmp_path: Path
+) -> None:
+    uid = service.receive("CT_small.dcm")
+    engine = _engine(base_engine, tmp_path)
+    assert process_job(uid, engine, service.ledger, service.spool) is JobState.SKIPPED
+    record = service.ledger.get(uid)
+    assert record is not None and record.reason is not None
+    assert record.reason.split(":")[0] in {"not_chest_radiograph", "not_image"}
+    assert process_job(uid, engine, service.ledger, service.spool) is JobState.SKIPPED
+
+
+def test_send_failure_retries_with_backoff_then_fails_and_keeps_results(
+    base_engine: Engine, service: Service, tmp_path: Path
+) -> None:
+    uid = service.receive("RG1_UNCR.dcm", calling_ae="ORTHANC")
+    waits: list[float] = []
+    with recording_scp(status=DimseStatus.OUT_OF_RESOURCES) as refusing:
+        engine = _engine(
+            base_engine,
+            tmp_path,
+            max_attempts=3,
+            known_peers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": refusing.port}],
+        )
+        state = process_job(uid, engine, service.ledger, service.spool, sleep=waits.append)
+    assert state is JobState.FAILED
+    assert waits == [1.0, 2.0]
+    assert len(refusing.received) == 3  # the SR, refused, on each attempt
+    record = service.ledger.get(uid)
+    assert record is not None and record.reason is not None
+    assert record.reason.startswith("send_failed") and "0xA700" in record.reason
+    waiting = service.spool.outbox_files(uid)
+    assert len(waiting) == 2
+
+    # Requeued later: the results in the outbox are sent as they are, without
+    # analysing again (the received file is gone, so analysing would fail).
+    assert service.ledger.requeue_failed() == [uid]
+    service.spool.path_for(uid).unlink()
+    with recording_scp() as scp:
+        engine = _engine(
+            base_engine,
+            tmp_path,
+            known_peers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": scp.port}],
+        )
+        assert process_job(uid, engine, service.ledger, service.spool) is JobState.DONE
+    assert sorted(str(d.SOPInstanceUID) for d in scp.received) == sorted(p.stem for p in waiting)
+    assert service.spool.outbox_files(uid) == []
+
+
+def test_unknown_sender_without_destination_fails_with_results_in_outbox(
+    base_engine: Engine, service: Service, tmp_path: Path
+) -> None:
+    uid = service.receive("RG1_UNCR.dcm", calling_ae="STRANGER")
+    engine = _engine(base_engine, tmp_path)
+    assert process_job(uid, engine, service.ledger, service.spool) is JobState.FAILED
+    record = service.ledger.get(uid)
+    assert record is not None and record.reason is not None
+    assert "STRANGER" in record.reason and "known_peers" in record.reason
+    assert len(service.spool.outbox_files(uid)) == 2
+
+
+def test_unreadable_spool_file_fails_cleanly(
+    base_engine: Engine, service: Service, tmp_path: Path
+) -> None:
+    uid = "1.2.826.0.1.3680043.8.498.77"
+    path = service.spool.store(uid, lambda f: f.write(b"this is not DICOM"))
+    service.ledger.record_received(uid, study_uid="", calling_ae="PACS", spool_path=path)
+    state = process_job(uid, _engine(base_engine, tmp_path), service.ledger, service.spool)
+    assert state is JobState.SKIPPED
+    record = service.ledger.get(uid)
+    assert record is not None and record.reason is not None
+    assert record.reason.startswith("not_dicom")
+
+
+def test_unknown_uid_returns_failed(base_engine: Engine, service: Service, tmp_path: Path) -> None:
+    state = process_job("1.2.3.4", _engine(base_engine, tmp_path), service.ledger, service.spool)
+    assert state is JobState.FAILED
+
+
+def test_destinations_and_backoff() -> None:
+    fixed = Destination(ae_title="ARCHIVE", host="10.0.0.1", port=104)
+    peer = Destination(ae_title="ORTHANC", host="10.0.0.2", port=4242)
+
+    record = JobRecord("1.2", "1.3", "ORTHANC", Path("x"), JobState.RECEIVED, None, (), 0, 0, 0)
+    assert destinations_for(record, SendSettings(known_peers=[peer])) == [peer]
+    assert destinations_for(record, SendSettings(destinations=[fixed], known_peers=[peer])) == [
+        fixed
+    ]
+    assert destinations_for(record, SendSettings()) == []
+    assert backoff_delays(SendSettings(max_attempts=5, backoff_initial_s=2, backoff_max_s=10)) == [
+        2.0,
+        4.0,
+        8.0,
+        10.0,
+    ]
+    assert backoff_delays(SendSettings(max_attempts=1)) == []

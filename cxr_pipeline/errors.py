@@ -144,6 +144,12 @@ class CheckpointError(PermanentError):
     reason = Reason.CHECKPOINT_ERROR
 
 
+class ModelError(PermanentError):
+    """The model cannot run on this input (wrong tensor shape, non-finite values)."""
+
+    reason = Reason.MODEL_ERROR
+
+
 class ConfigError(PermanentError):
     """Invalid settings."""
 

@@ -1,0 +1,220 @@
+"""Batched COVID probabilities from a loaded model.
+
+:class:`Predictor` holds one model in eval mode on one device (CUDA when present with
+``device="auto"``), in the channels-last memory format by default, and runs it under
+``torch.inference_mode`` in micro-batches. The COVID probability is the softmax of the
+two-class head at the card's COVID index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxr_pipeline.errors import ConfigError, ModelError
+from cxr_pipeline.model_card import ModelCard
+from cxr_pipeline.models import default_checkpoint_path, load_checkpoint
+from cxr_pipeline.preprocess import preprocess
+from cxr_pipeline.settings import ModelSettings
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn a device setting into a :class:`torch.device`.
+
+    Parameters
+    ----------
+    device
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Returns
+    -------
+    torch.device
+        The device.
+
+    Raises
+    ------
+    ConfigError
+        Unknown device string, or CUDA asked for but not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"invalid device {device!r}: {exc}") from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for but CUDA is not available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s)")
+    return resolved
+
+
+class Predictor:
+    """A model ready for inference, with its card.
+
+    Parameters
+    ----------
+    model
+        A classifier from :func:`cxr_pipeline.models.build_model` (moved, put in eval mode).
+    card
+        Its model card (class order, preprocessing, threshold).
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    channels_last
+        Use the channels-last memory format (faster convolutions on CPU and GPU).
+    batch_size
+        Largest micro-batch of one forward pass.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+    card : ModelCard
+    device : torch.device
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        card: ModelCard,
+        *,
+        device: str = "auto",
+        channels_last: bool = True,
+        batch_size: int = 16,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.card = card
+        self.channels_last = channels_last
+        self.batch_size = batch_size
+        model = model.to(self.device).eval()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model = model
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: Path | str,
+        *,
+        device: str = "auto",
+        channels_last: bool = True,
+        batch_size: int = 16,
+    ) -> Predictor:
+        """Load a checkpoint (see :func:`cxr_pipeline.models.load_checkpoint`).
+
+        Parameters
+        ----------
+        path
+            Checkpoint file (``str`` or ``Path``).
+        device, channels_last, batch_size
+            As for the constructor.
+
+        Returns
+        -------
+        Predictor
+            The loaded predictor.
+
+        Raises
+        ------
+        CheckpointError
+            The checkpoint cannot be loaded safely.
+        """
+        model, card = load_checkpoint(Path(path), map_location="cpu")
+        return cls(model, card, device=device, channels_last=channels_last, batch_size=batch_size)
+
+    @classmethod
+    def from_settings(cls, settings: ModelSettings) -> Predictor:
+        """Build from the ``[model]`` settings; no checkpoint means the packaged default.
+
+        Parameters
+        ----------
+        settings
+            Checkpoint path, device, batch size and memory format.
+
+        Returns
+        -------
+        Predictor
+            The loaded predictor.
+        """
+        path = settings.checkpoint if settings.checkpoint is not None else default_checkpoint_path()
+        return cls.from_checkpoint(
+            path,
+            device=settings.device,
+            channels_last=settings.channels_last,
+            batch_size=settings.batch_size,
+        )
+
+    def _check(self, batch: torch.Tensor) -> None:
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1] != 3:
+            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch)
+            raise ModelError(f"expected a (N, 3, H, W) tensor, got {shape}")
+        if not batch.is_floating_point():
+            raise ModelError(f"expected a floating point tensor, got {batch.dtype}")
+        if not torch.isfinite(batch).all():
+            raise ModelError("input tensor contains NaN or infinite values")
+
+    def to_model_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """Move a checked ``(N, 3, H, W)`` batch to the model's device, dtype and layout."""
+        batch = batch.to(self.device, dtype=torch.float32, non_blocking=True)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def predict_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        """COVID probabilities of preprocessed images.
+
+        Parameters
+        ----------
+        batch
+            float tensor ``(N, 3, H, W)`` from :func:`cxr_pipeline.preprocess.preprocess`.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(N,)`` softmax probabilities of the COVID class.
+
+        Raises
+        ------
+        ModelError
+            Bad input, or the forward pass failed.
+        """
+        self._check(batch)
+        outputs: list[np.ndarray] = [np.zeros((0,), dtype=np.float32)]
+        covid = self.card.covid_index
+        with torch.inference_mode():
+            for start in range(0, int(batch.shape[0]), self.batch_size):
+                chunk = self.to_model_input(batch[start : start + self.batch_size])
+                try:
+                    logits = self.model(chunk)
+                except RuntimeError as exc:
+                    raise ModelError(f"forward pass failed: {exc}") from exc
+                probs = torch.softmax(logits.float(), dim=1)[:, covid]
+                outputs.append(probs.cpu().numpy().astype(np.float32))
+        return np.concatenate(outputs)
+
+    def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Preprocess display-ready images and return their COVID probabilities.
+
+        Parameters
+        ----------
+        images
+            float32 ``(rows, cols)`` arrays in [0, 1] (any sizes).
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(len(images),)`` probabilities.
+        """
+        if len(images) == 0:
+            return np.zeros((0,), dtype=np.float32)
+        spec = self.card.preprocessing
+        tensors = torch.stack([preprocess(image, spec) for image in images])
+        return self.predict_tensors(tensors)

@@ -92,18 +92,26 @@ def blend_heatmap(
     EncodeError
         Unknown colormap name.
     """
-    grey = np.repeat(pixels[..., None], 3, axis=2)
+    grey = pixels[..., None]
     if heatmap is None:
-        rgb = grey
+        rgb = np.broadcast_to(grey, (*pixels.shape, 3))
     else:
         try:
             colormap = matplotlib.colormaps[settings.heatmap_colormap]
         except KeyError as exc:
             raise EncodeError(f"unknown colormap {settings.heatmap_colormap!r}") from exc
-        colour = np.asarray(colormap(heatmap)[..., :3], dtype=np.float32)
-        alpha = (settings.heatmap_alpha * heatmap)[..., None]
-        rgb = (1.0 - alpha) * grey + alpha * colour
-    return np.asarray(np.round(np.clip(rgb, 0.0, 1.0) * 255.0), dtype=np.uint8)
+        # The colormap's own N-entry table, indexed as matplotlib does (floor(x * N),
+        # 1.0 -> last entry): same colours, without per-pixel float64 RGBA arrays.
+        table = np.asarray(colormap(np.arange(colormap.N))[:, :3], dtype=np.float32)
+        index = np.minimum((heatmap * colormap.N).astype(np.intp), colormap.N - 1)
+        alpha = (np.float32(settings.heatmap_alpha) * heatmap)[..., None]
+        # grey + alpha * (colour - grey) == (1 - alpha) * grey + alpha * colour
+        rgb = table[index]
+        rgb -= grey
+        rgb *= alpha
+        rgb += grey
+    # Inputs are in [0, 1] and the blend is convex, so no clipping is needed.
+    return np.asarray(rgb * np.float32(255.0) + np.float32(0.5), dtype=np.uint8)
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:

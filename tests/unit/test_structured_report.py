@@ -270,3 +270,11 @@ def test_reading_a_non_result_sr_is_a_typed_error(rg1_header: Dataset, tmp_path:
     not_dicom.write_bytes(b"not a dicom file")
     with pytest.raises(EncodeError):
         read_structured_report(not_dicom)
+
+
+def test_model_name_too_long_for_its_vr_is_a_typed_error(
+    rg1_header: Dataset, settings: OutputSettings
+) -> None:
+    card = ModelCard(name="m" * 80, version="1", architecture="resnet18", device_uid="2.25.5")
+    with pytest.raises(EncodeError):
+        build_structured_report(rg1_header, Finding(0.5, 0.5), card, settings)

@@ -55,6 +55,9 @@ def testdata(name: str) -> Path:
     return Path(str(found))
 
 
+testdata.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
 @pytest.fixture(scope="session")
 def rg1_uncr() -> Path:
     """Real 16-bit MONOCHROME1 chest CR, explicit VR little endian."""

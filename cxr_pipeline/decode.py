@@ -35,8 +35,9 @@ from PIL import Image
 from pydicom import uid as _uid
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.processing import apply_modality_lut, apply_voi, apply_windowing
+from pydicom.pixels.processing import apply_modality_lut, apply_voi
 
 from cxr_pipeline.codes import (
     DCT_JPEG_TRANSFER_SYNTAXES,
@@ -45,6 +46,18 @@ from cxr_pipeline.codes import (
 )
 from cxr_pipeline.errors import CorruptPixelData, UnsupportedTransferSyntax
 
+# pydicom tries plugins in a fixed order (GDCM first); on RG1 and NIH images these are
+# faster (bench/bench_decode.py): RLE pylibjpeg-rle ~10x pydicom's own, JPEG-LS pyjpegls
+# ~1.5x GDCM, 8-bit JPEG Pillow (libjpeg-turbo) ~2x, JPEG 2000 OpenJPEG ~1.2x GDCM.
+_PREFERRED_PLUGIN: dict[str, str] = {
+    _uid.RLELossless: "pylibjpeg",
+    _uid.JPEGLSLossless: "pyjpegls",
+    _uid.JPEGLSNearLossless: "pyjpegls",
+    _uid.JPEG2000Lossless: "pylibjpeg",
+    _uid.JPEG2000: "pylibjpeg",
+    _uid.JPEGBaseline8Bit: "pillow",
+    _uid.JPEGExtended12Bit: "pillow",
+}
 # ITU-R BT.601 luma weights, the same as Pillow's RGB -> "L" conversion used for PNG input.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -93,6 +106,25 @@ def check_transfer_syntax(ds: Dataset) -> _uid.UID:
     if not available:
         raise UnsupportedTransferSyntax(f"no installed decoder for {syntax.name}")
     return syntax
+
+
+def _decode_full(ds: Dataset, syntax: _uid.UID) -> NDArray[Any]:
+    """Decode frame 0 with the fastest installed plugin, then with any that works."""
+    decoder = get_decoder(syntax)
+    options: dict[str, Any] = {"as_rgb": True}  # YBR -> RGB before grey
+    preferred = _PREFERRED_PLUGIN.get(syntax)
+    if preferred == "pillow" and int(ds.BitsAllocated) != 8:
+        preferred = None  # Pillow's libjpeg is 8-bit only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if preferred in decoder.available_plugins:
+            try:
+                array, _meta = decoder.as_array(ds, index=0, decoding_plugin=preferred, **options)
+                return array
+            except Exception:  # fall back to pydicom trying every installed plugin
+                pass
+        array, _meta = decoder.as_array(ds, index=0, **options)
+        return array
 
 
 def _first_frame(ds: Dataset) -> bytes:
@@ -196,10 +228,7 @@ def decode_stored_values(ds: Dataset, *, max_side: int | None = None) -> NDArray
         if reduced is not None and reduced.ndim == 2:
             return reduced
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            options: dict[str, Any] = {"as_rgb": True}  # YBR -> RGB before grey
-            array, _meta = get_decoder(syntax).as_array(ds, index=0, **options)
+        array = _decode_full(ds, syntax)
     except Exception as exc:  # decoders raise many types; all mean corrupt data
         raise CorruptPixelData(f"{syntax.name} decoding failed: {exc}") from exc
     expected_shape: tuple[int, ...] = (rows, cols) if samples == 1 else (rows, cols, samples)
@@ -208,23 +237,64 @@ def decode_stored_values(ds: Dataset, *, max_side: int | None = None) -> NDArray
     return array
 
 
-def _voi(values: NDArray[Any], ds: Dataset) -> tuple[NDArray[Any], float, float] | None:
-    """Apply the first VOI LUT or window; return it with its output range, or None."""
+def _first_value(value: Any) -> float:
+    if isinstance(value, list | tuple | MultiValue):
+        value = value[0]
+    return float(value)
+
+
+def window_unit(values: NDArray[Any], ds: Dataset) -> NDArray[np.float32] | None:
+    """Apply the first Window Center/Width, scaled to [0, 1]; None when absent or invalid.
+
+    The PS3.3 C.11.2.1.2 functions (LINEAR, LINEAR_EXACT, SIGMOID) with the output range
+    taken as [0, 1]. Written out here rather than calling
+    :func:`pydicom.pixels.apply_windowing` because that works in float64 on the whole
+    image and took ~85 ms of a 130 ms ingest of the 3.6 Mpixel RG1; in float32 it is ~4x
+    faster. ``test_window_matches_pydicom`` checks it against pydicom on real images.
+    """
+    try:
+        center = _first_value(ds.WindowCenter)
+        width = _first_value(ds.WindowWidth)
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    x = values.astype(np.float32, copy=False)
+    if not (np.isfinite(center) and np.isfinite(width)):
+        return None
+    if function == "SIGMOID":
+        if width <= 0:
+            return None
+        with np.errstate(over="ignore"):  # exp overflow -> inf -> 0, as intended
+            unit = 1.0 / (1.0 + np.exp(np.float32(-4.0 / width) * (x - np.float32(center))))
+    elif function == "LINEAR_EXACT":
+        if width <= 0:
+            return None
+        unit = (x - np.float32(center)) * np.float32(1.0 / width) + np.float32(0.5)
+    else:
+        if width < 1:
+            return None
+        if width == 1:  # a threshold at center - 0.5
+            unit = (x > np.float32(center - 0.5)).astype(np.float32)
+        else:
+            unit = (x - np.float32(center - 0.5)) * np.float32(1.0 / (width - 1)) + np.float32(0.5)
+    result: NDArray[np.float32] = np.clip(unit, 0.0, 1.0).astype(np.float32, copy=False)
+    return result
+
+
+def _voi_unit(values: NDArray[Any], ds: Dataset) -> NDArray[np.float32] | None:
+    """Apply the first VOI LUT (preferred, as pydicom does) or window, scaled to [0, 1]."""
     sequence = ds.get("VOILUTSequence")
     if sequence and all(item in sequence[0] for item in ("LUTDescriptor", "LUTData")):
         lut = np.asarray(sequence[0].LUTData, dtype=np.float64)
         if lut.size and float(lut.max()) > float(lut.min()):
             # The LUT's own span, not 2**bits: descriptors often claim 16 bits for 12-bit data.
-            return apply_voi(values, ds, 0), float(lut.min()), float(lut.max())
-    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
-        try:
-            # pydicom's output range depends on bits and rescale; probing it with two
-            # extreme inputs returns exactly the limits apply_windowing clips to.
-            low, high = apply_windowing(np.array([-1e30, 1e30]), ds, 0)
-            return apply_windowing(values, ds, 0), float(low), float(high)
-        except (ValueError, TypeError, IndexError):
-            return None  # invalid window (e.g. width < 1): treated as absent
-    return None
+            low, high = float(lut.min()), float(lut.max())
+            shown = apply_voi(values, ds, 0).astype(np.float32)
+            unit: NDArray[np.float32] = np.clip(
+                (shown - np.float32(low)) / np.float32(high - low), 0.0, 1.0
+            )
+            return unit
+    return window_unit(values, ds)
 
 
 def to_display(values: NDArray[Any], ds: Dataset) -> NDArray[np.float32]:
@@ -253,25 +323,21 @@ def to_display(values: NDArray[Any], ds: Dataset) -> NDArray[np.float32]:
         grey: NDArray[np.float32] = values.astype(np.float32) @ _LUMA / np.float32(maximum)
         return np.clip(grey, 0.0, 1.0).astype(np.float32)
     modality = apply_modality_lut(values, ds)
-    voi = _voi(modality, ds)
-    if voi is not None:
-        shown, low, high = voi
-    elif int(ds.BitsStored) <= 8:
-        shown = modality
-        stored_range = np.array([0, (1 << int(ds.BitsStored)) - 1])
-        ends = apply_modality_lut(stored_range, ds)
-        low, high = float(np.min(ends)), float(np.max(ends))
-    else:
-        shown = modality
-        low, high = float(np.min(modality)), float(np.max(modality))
-    scale = high - low
-    if scale <= 0:
-        image = np.zeros(shown.shape, dtype=np.float32)
-    else:
-        image = ((shown.astype(np.float32) - np.float32(low)) / np.float32(scale)).astype(
-            np.float32
-        )
-    np.clip(image, 0.0, 1.0, out=image)
+    unit = _voi_unit(modality, ds)
+    if unit is None:
+        if int(ds.BitsStored) <= 8:
+            stored_range = np.array([0, (1 << int(ds.BitsStored)) - 1])
+            ends = apply_modality_lut(stored_range, ds)
+            low, high = float(np.min(ends)), float(np.max(ends))
+        else:
+            low, high = float(np.min(modality)), float(np.max(modality))
+        if high <= low:
+            unit = np.zeros(modality.shape, dtype=np.float32)
+        else:
+            shifted = modality.astype(np.float32) - np.float32(low)
+            # Divide (not multiply by the reciprocal): 8-bit data then equals PNG v / 255.
+            unit = np.clip(shifted / np.float32(high - low), 0.0, 1.0)
+    image: NDArray[np.float32] = unit.astype(np.float32, copy=False)
     photometric = str(ds.PhotometricInterpretation).strip().upper()
     shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
     if photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE"):

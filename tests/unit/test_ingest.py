@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 from pydicom import uid
 from pydicom.dataset import Dataset
+from pydicom.pixels.processing import apply_windowing
 
-from cxr_pipeline.decode import area_downsample
+from cxr_pipeline.decode import area_downsample, window_unit
 from cxr_pipeline.errors import (
     CorruptPixelData,
     ImageTooLarge,
@@ -214,6 +215,34 @@ def test_rescale_then_window(nih_small: np.ndarray) -> None:
         values, RescaleSlope=1, RescaleIntercept=-1024, window=(1024.0, 4096.0), bits_stored=12
     )
     np.testing.assert_allclose(load_radiograph(ds, POLICY).pixels, values / 4095, atol=1e-5)
+
+
+def _pydicom_window_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """pydicom's apply_windowing, rescaled from its own output range to [0, 1]."""
+    with np.errstate(over="ignore"):
+        low, high = apply_windowing(np.array([-1e30, 1e30]), ds)
+        return (apply_windowing(values.astype(np.float64), ds) - low) / (high - low)
+
+
+def test_window_matches_pydicom(nih_small: np.ndarray) -> None:
+    rg1 = pydicom.dcmread(_pydicom_data("RG1_UNCR.dcm"))
+    values = rg1.pixel_array
+    unit = window_unit(values, rg1)
+    assert unit is not None and unit.dtype == np.float32
+    np.testing.assert_allclose(unit, _pydicom_window_unit(values, rg1), atol=2e-6)
+    stored = np.rint(nih_small * 4095).astype(np.uint16)
+    for function, center, width in (
+        ("SIGMOID", 2000.0, 1500.0),
+        ("LINEAR_EXACT", 1800.0, 2500.0),
+        ("LINEAR", 1500.0, 1.0),
+        ("LINEAR", 2048.0, 4096.0),
+    ):
+        ds = make_dicom(stored, window=(center, width), VOILUTFunction=function)
+        unit = window_unit(stored, ds)
+        assert unit is not None
+        np.testing.assert_allclose(unit, _pydicom_window_unit(stored, ds), atol=2e-6)
+    ds = make_dicom(stored, window=(2048.0, 0.0))
+    assert window_unit(stored, ds) is None  # invalid width: treated as no window
 
 
 def test_voi_lut_sequence_applied(nih_small: np.ndarray) -> None:

@@ -8,13 +8,14 @@ in one forward pass:
 1. :func:`workers.celery_app.collect_waiting` pulls waiting messages with ``basic_get`` on
    the worker's own broker connection, unacknowledged: if the process dies they return to
    the queue after the visibility timeout, exactly like the task message (``acks_late``).
-2. :func:`prepare_batch` decodes the batch, runs **one** ``predict_images`` call for all
-   images, then builds each image's heatmap, SR and SC with the probability from that
-   batched pass and writes them durably to the spool outbox.
-3. :func:`cxr_pipeline.jobs.process_job` runs for every UID: it finds the results in the
-   outbox (its documented resume path) and sends them and records the outcome in the
-   ledger. Anything :func:`prepare_batch` could not do (a rejected or broken image) is
-   simply left to ``process_job``, which analyses it alone and records why it failed.
+2. :func:`classify_batch` decodes the batch and runs **one** ``predict_images`` call
+   for all images.
+3. For each image in turn, :func:`write_batch_results` builds its heatmap, SR and SC with
+   the probability from that batched pass and writes them durably to the spool outbox,
+   then :func:`cxr_pipeline.jobs.process_job` finds them there (its documented resume
+   path), sends them and records the outcome in the ledger. Anything the batch path could
+   not do (a rejected or broken image) is left to ``process_job``, which analyses it alone
+   and records why it failed.
 4. The collected messages are acknowledged after step 3, or rejected back to the queue if
    the batch raised.
 
@@ -124,8 +125,17 @@ def _writer(ds: Dataset) -> Callable[[BinaryIO], None]:
     return write
 
 
-def prepare_batch(uids: Sequence[str], runtime: WorkerRuntime) -> list[str]:
-    """Classify several spooled instances in one forward pass and write their results.
+@dataclass
+class ClassifiedBatch:
+    """Decoded images of a micro-batch and an engine that knows their probabilities."""
+
+    engine: Engine
+    images: dict[str, Radiograph]
+    infer_ms_per_image: float
+
+
+def classify_batch(uids: Sequence[str], runtime: WorkerRuntime) -> ClassifiedBatch | None:
+    """Decode several spooled instances and classify them in one forward pass.
 
     Instances already finished, with results already in the outbox, or that cannot be
     decoded are left out (``process_job`` handles and records them).
@@ -139,12 +149,11 @@ def prepare_batch(uids: Sequence[str], runtime: WorkerRuntime) -> list[str]:
 
     Returns
     -------
-    list of str
-        UIDs whose SR and SC are now in the outbox. Empty when fewer than two images
-        could be batched (a single image gains nothing from this path).
+    ClassifiedBatch or None
+        None when fewer than two images could be batched (nothing to gain).
     """
     ledger, spool, settings = runtime.ledger, runtime.spool, runtime.settings
-    images: list[tuple[str, Radiograph]] = []
+    images: dict[str, Radiograph] = {}
     for uid in uids:
         record = ledger.get(uid)
         if record is None or record.state in (JobState.DONE, JobState.SKIPPED):
@@ -152,42 +161,68 @@ def prepare_batch(uids: Sequence[str], runtime: WorkerRuntime) -> list[str]:
         if spool.outbox_files(uid):
             continue
         try:
-            images.append((uid, load_radiograph(spool.path_for(uid), settings.ingest)))
+            images[uid] = load_radiograph(spool.path_for(uid), settings.ingest)
         except CxrError as exc:
             log.info("%s: left to the single-image path (%s)", uid, exc.reason.value)
     if len(images) < 2:
-        return []
+        return None
     engine = runtime.engine
     start = time.perf_counter()
-    probabilities = engine.predictor.predict_images([image.pixels for _, image in images])
+    probabilities = engine.predictor.predict_images([image.pixels for image in images.values()])
     infer_ms = (time.perf_counter() - start) * 1000.0
     log.info("micro-batch of %d images classified in %.1f ms", len(images), infer_ms)
     proxy = _PrecomputedPredictor(
         engine.predictor,
-        {id(image.pixels): float(p) for (_, image), p in zip(images, probabilities, strict=True)},
+        {
+            id(image.pixels): float(p)
+            for image, p in zip(images.values(), probabilities, strict=True)
+        },
     )
-    batch_engine = Engine(settings=engine.settings, predictor=cast(Predictor, proxy))
-    prepared: list[str] = []
-    for uid, image in images:
-        try:
-            analysis = analyse_radiograph(
-                image, batch_engine, {"batch_infer": infer_ms / len(images)}
-            )
-            folder = spool.outbox_dir(uid)
-            for ds in analysis.result_datasets:
-                write_durably(folder / f"{ds.SOPInstanceUID}{SUFFIX}", _writer(ds))
-        except Exception as exc:  # process_job redoes it alone and records the reason
-            spool.clear_outbox(uid)
-            log.warning(
-                "%s: batch encode failed (%s), left to process_job", uid, type(exc).__name__
-            )
-            continue
-        prepared.append(uid)
-    return prepared
+    return ClassifiedBatch(
+        engine=Engine(settings=engine.settings, predictor=cast(Predictor, proxy)),
+        images=images,
+        infer_ms_per_image=infer_ms / len(images),
+    )
+
+
+def write_batch_results(uid: str, batch: ClassifiedBatch, spool: Spool) -> bool:
+    """Build the heatmap, SR and SC of one classified image and put them in its outbox.
+
+    Parameters
+    ----------
+    uid
+        One of ``batch.images``.
+    batch
+        The classified micro-batch.
+    spool
+        Where the outbox is.
+
+    Returns
+    -------
+    bool
+        True when the results are in the outbox; False when this failed (the outbox is
+        cleared and ``process_job`` analyses the image alone, recording any failure).
+    """
+    image = batch.images[uid]
+    try:
+        analysis = analyse_radiograph(
+            image, batch.engine, {"batch_infer": batch.infer_ms_per_image}
+        )
+        folder = spool.outbox_dir(uid)
+        for ds in analysis.result_datasets:
+            write_durably(folder / f"{ds.SOPInstanceUID}{SUFFIX}", _writer(ds))
+    except Exception as exc:
+        spool.clear_outbox(uid)
+        log.warning("%s: batch encode failed (%s), left to process_job", uid, type(exc).__name__)
+        return False
+    return True
 
 
 def run_batch(uids: Sequence[str], runtime: WorkerRuntime) -> dict[str, JobState]:
-    """Analyse (batched where possible), send and record several instances.
+    """Analyse (one forward pass where possible), send and record several instances.
+
+    Each image is finished (heatmap, encode, send, ledger) before the next one starts,
+    so the first result of a batch is not held back by the others' heatmaps.
 
     Parameters
     ----------
@@ -202,9 +237,14 @@ def run_batch(uids: Sequence[str], runtime: WorkerRuntime) -> dict[str, JobState
         UID -> final :class:`JobState` as recorded by ``process_job``.
     """
     unique = list(dict.fromkeys(uids))
-    if len(unique) > 1:
-        prepare_batch(unique, runtime)
-    return {uid: process_job(uid, runtime.engine, runtime.ledger, runtime.spool) for uid in unique}
+    batch = classify_batch(unique, runtime) if len(unique) > 1 else None
+    states: dict[str, JobState] = {}
+    for uid in unique:
+        if batch is not None and uid in batch.images:
+            write_batch_results(uid, batch, runtime.spool)
+            del batch.images[uid]  # free the decoded image early
+        states[uid] = process_job(uid, runtime.engine, runtime.ledger, runtime.spool)
+    return states
 
 
 def _on_worker_process_init(**kwargs: Any) -> None:

@@ -144,15 +144,17 @@ class TlsSettings(_Section):
 class ListenerSettings(_Section):
     """The C-STORE SCP (``cxr-listen``)."""
 
-    ae_title: str = "CXR_PIPELINE"
+    ae_title: str = Field(default="CXR_PIPELINE", min_length=1, max_length=16)
+    """Our AE title (1-16 characters, PS3.5 AE)."""
     host: str = "0.0.0.0"
-    port: int = 11112
+    port: int = Field(default=11112, ge=0, le=65535)
+    """TCP port; 0 lets the system pick one (tests)."""
     allowed_calling_aes: list[str] = Field(default_factory=list)
     """Calling AE titles allowed to associate; empty = any."""
     require_called_ae: bool = False
     """Reject associations whose Called AE Title is not ours."""
-    max_associations: int = 10
-    min_free_bytes: int = 1_000_000_000
+    max_associations: int = Field(default=10, ge=1)
+    min_free_bytes: int = Field(default=1_000_000_000, ge=0)
     """Free-space watermark of the spool's file system (bytes).
 
     Below it, C-STORE answers Out of Resources."""
@@ -195,15 +197,19 @@ class Destination(_Section):
 class SendSettings(_Section):
     """C-STORE SCU of results."""
 
-    calling_ae_title: str = "CXR_PIPELINE"
+    calling_ae_title: str = Field(default="CXR_PIPELINE", min_length=1, max_length=16)
     destinations: list[Destination] = Field(default_factory=list)
     """Fixed destinations. Empty: reply to the sender, looked up in ``known_peers``."""
     known_peers: list[Destination] = Field(default_factory=list)
     """Peers by AE title, used to send results back to the AE that sent the image."""
-    max_attempts: int = 8
-    backoff_initial_s: float = 2.0
-    backoff_max_s: float = 300.0
-    timeout_s: float = 30.0
+    max_attempts: int = Field(default=8, ge=1)
+    """C-STORE attempts per destination before the job is FAILED."""
+    backoff_initial_s: float = Field(default=2.0, ge=0.0)
+    """Wait after the first failed attempt; doubles after each further one."""
+    backoff_max_s: float = Field(default=300.0, ge=0.0)
+    """Longest wait between attempts."""
+    timeout_s: float = Field(default=30.0, gt=0.0)
+    """Association, DIMSE and network timeout of each attempt."""
 
 
 class BatchSettings(_Section):

@@ -23,7 +23,12 @@ from typing import Any
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from cxr_pipeline.codes import ANALYSABLE_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES, SopClass
+from cxr_pipeline.codes import (
+    ANALYSABLE_SOP_CLASSES,
+    COMPRESSED_TRANSFER_SYNTAXES,
+    UNCOMPRESSED_TRANSFER_SYNTAXES,
+    SopClass,
+)
 from cxr_pipeline.errors import CxrError
 from cxr_pipeline.ledger import Ledger
 from cxr_pipeline.settings import Settings, load_settings
@@ -33,6 +38,16 @@ from listeners.tls import server_context
 from workers.queue import JobQueue, ledger_path, make_queue, spool_root
 
 log = logging.getLogger("listeners.storescp")
+
+ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    COMPRESSED_TRANSFER_SYNTAXES + UNCOMPRESSED_TRANSFER_SYNTAXES
+)
+"""Transfer syntaxes in the order we prefer them when a sender proposes several in one
+context (pynetdicom accepts the first of ours the sender proposed). Compressed first, so
+a compressed image arrives as stored, untouched: many senders (DCMTK storescu among
+them) cannot decompress JPEG 2000 and would fail if we picked Explicit VR Little Endian,
+and any transcoding by the sender risks a lossy re-encode. Senders propose a lossy
+syntax only for data already lossy, unless configured to compress."""
 
 
 def build_ae(settings: Settings) -> AE:
@@ -54,7 +69,7 @@ def build_ae(settings: Settings) -> AE:
     storage = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
     # Analysable classes first so they are present even if pynetdicom's list changes.
     for sop_class in sorted(ANALYSABLE_SOP_CLASSES) + sorted(storage - ANALYSABLE_SOP_CLASSES):
-        ae.add_supported_context(sop_class, list(SUPPORTED_TRANSFER_SYNTAXES))
+        ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
     if listener.allowed_calling_aes:
         # pynetdicom rejects others with result "rejected-permanent", source "service-user",
         # reason 3 "calling AE title not recognised" (PS3.8 9.3.4).

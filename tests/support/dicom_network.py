@@ -20,8 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
@@ -110,6 +124,22 @@ UNCOMPRESSED_ONLY: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEn
 # -- DCMTK ------------------------------------------------------------------------------
 
 
+# storescu proposes uncompressed syntaxes unless told which compressed one to propose;
+# it cannot decompress JPEG 2000 itself, so each file is sent with its own syntax proposed.
+_STORESCU_PROPOSAL: dict[str, str] = {
+    str(JPEG2000Lossless): "-xv",
+    str(JPEG2000): "-xw",
+    str(JPEGBaseline8Bit): "-xy",
+    str(JPEGExtended12Bit): "-xx",
+    str(JPEGLosslessSV1): "-xs",
+    str(JPEGLossless): "-xq",
+    str(JPEGLSLossless): "-xt",
+    str(JPEGLSNearLossless): "-xu",
+    str(RLELossless): "-xr",
+    str(DeflatedExplicitVRLittleEndian): "-xd",
+}
+
+
 def storescu(
     port: int,
     files: Sequence[Path],
@@ -119,21 +149,30 @@ def storescu(
     host: str = "127.0.0.1",
     timeout_s: float = 120.0,
 ) -> subprocess.CompletedProcess[str]:
-    """Send files with DCMTK ``storescu``, each in its own transfer syntax (no transcoding)."""
-    cmd = [
-        "storescu",
-        "-aet",
-        calling_ae,
-        "-aec",
-        called_ae,
-        "--required",  # propose each file's own transfer syntax
-        "-to",
-        "30",
-        host,
-        str(port),
-        *[str(f) for f in files],
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    """Send files with DCMTK ``storescu``, each in its own transfer syntax (no transcoding).
+
+    Files are grouped by transfer syntax, one ``storescu`` run (one association) per
+    group, in order of first appearance; the result merges the runs (highest exit code).
+    """
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(_STORESCU_PROPOSAL.get(syntax, "-x="), []).append(Path(path))
+    runs = []
+    for proposal, group in groups.items():
+        cmd = [
+            "storescu", proposal, "--required", "-aet", calling_ae, "-aec", called_ae,
+            "-to", "30", host, str(port), *[str(f) for f in group],
+        ]  # fmt: skip
+        runs.append(
+            subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+        )
+    return subprocess.CompletedProcess(
+        args=[r.args for r in runs],
+        returncode=max((r.returncode for r in runs), default=0),
+        stdout="".join(r.stdout for r in runs),
+        stderr="".join(r.stderr for r in runs),
+    )
 
 
 def echoscu(

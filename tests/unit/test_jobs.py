@@ -179,3 +179,35 @@ def test_destinations_and_backoff() -> None:
         10.0,
     ]
     assert backoff_delays(SendSettings(max_attempts=1)) == []
+
+
+def test_local_pool_runs_jobs_and_sweeps_stale_rows(
+    base_engine: Engine, service: Service, tmp_path: Path
+) -> None:
+    from workers.local import LocalWorkerPool
+    from workers.queue import JobQueue
+
+    merged = base_engine.settings.model_dump()
+    merged["worker"] = {**merged["worker"], "requeue_after_s": 0.0, "concurrency": 2}
+    settings = Settings.model_validate(merged)
+    engine = Engine(settings=settings, predictor=base_engine.predictor)
+    pool = LocalWorkerPool(settings, service.ledger, service.spool, engine=engine, sweep=False)
+    assert isinstance(pool, JobQueue)
+    try:
+        ct = service.receive("CT_small.dcm")
+        pool.enqueue(ct)
+        assert pool.wait_idle(60)
+        record = service.ledger.get(ct)
+        assert record is not None and record.state is JobState.SKIPPED
+
+        # A row left RECEIVED (e.g. requeued by cxr-status) is picked up by the sweep.
+        rg3 = service.receive("RG3_UNCR.dcm")
+        assert pool.sweep_once() == [rg3]
+        assert pool.wait_idle(60)
+        record = service.ledger.get(rg3)
+        assert record is not None and record.state is JobState.SKIPPED
+        assert pool.sweep_once() == []
+    finally:
+        pool.close()
+    with pytest.raises(RuntimeError):
+        pool.enqueue(ct)

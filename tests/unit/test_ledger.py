@@ -149,3 +149,31 @@ def test_safe_across_processes(tmp_path: Path) -> None:
     ledger = Ledger(path)
     assert ledger.counts()[JobState.SKIPPED] == 40
     assert all(r.attempts == 1 for r in ledger.recent(100))
+
+
+def test_cxr_status_reports_and_requeues(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from listeners.status import main
+
+    assert main(["--data-dir", str(tmp_path), "--json"]) == 2  # no ledger yet
+    capsys.readouterr()
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    for i in range(3):
+        _record(ledger, i)
+    ledger.mark(_uid(0), JobState.SKIPPED, reason="not_chest_radiograph: CT")
+    ledger.mark(_uid(1), JobState.FAILED, reason="send_failed: refused")
+
+    assert main(["--data-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "not_chest_radiograph: CT" in text and _uid(1) in text
+
+    assert main(["--data-dir", str(tmp_path), "--json", "--requeue-failed"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["requeued"] == [_uid(1)]
+    assert report["counts"] == {
+        "received": 2, "queued": 0, "processing": 0, "done": 0, "skipped": 1, "failed": 0,
+    }  # fmt: skip
+    assert {r["sop_instance_uid"] for r in report["recent"]} == {_uid(i) for i in range(3)}

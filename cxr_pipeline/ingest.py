@@ -229,7 +229,7 @@ def _check_geometry(ds: Dataset, policy: IngestSettings) -> None:
     rows, cols = int(ds.Rows), int(ds.Columns)
     if max(rows, cols) > policy.max_size:
         raise ImageTooLarge(f"{rows}x{cols} exceeds the limit of {policy.max_size}")
-    if min(rows, cols) < policy.min_size:
+    if min(rows, cols) < max(1, policy.min_size):
         raise ImageTooSmall(f"{rows}x{cols} is below the minimum of {policy.min_size}")
     if max(rows, cols) / min(rows, cols) > policy.max_aspect_ratio:
         raise NotChestRadiograph(f"aspect ratio of {rows}x{cols} is not a chest radiograph's")

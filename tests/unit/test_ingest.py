@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydicom import uid
 from pydicom.dataset import Dataset
@@ -19,6 +21,7 @@ from pydicom.pixels.processing import apply_windowing
 from cxr_pipeline.decode import area_downsample, window_unit
 from cxr_pipeline.errors import (
     CorruptPixelData,
+    CxrError,
     ImageTooLarge,
     ImageTooSmall,
     MissingAttribute,
@@ -255,9 +258,25 @@ def test_voi_lut_sequence_applied(nih_small: np.ndarray) -> None:
     np.testing.assert_allclose(pixels, (values.astype(np.float64) / 255) ** 2, atol=1e-6)
 
 
+def test_signed_data_with_rescale(nih_small: np.ndarray) -> None:
+    """Signed 16-bit stored values (two's complement) through rescale and window."""
+    values = np.rint(nih_small * 4000 - 2000).astype(np.int16)
+    ds = make_dicom(np.zeros(values.shape, np.uint16), bits_stored=16, window=None)
+    ds.PixelRepresentation = 1
+    ds.PixelData = values.tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = 2, 100
+    ds.WindowCenter, ds.WindowWidth = 100.0, 8001.0  # covers -3900..4100 after rescale
+    expected = np.clip((values * 2.0 + 100 - 99.5) / 8000 + 0.5, 0, 1)
+    np.testing.assert_allclose(load_radiograph(ds, POLICY).pixels, expected, atol=1e-6)
+
+
 def test_presentation_lut_inverse_on_monochrome2(nih_small: np.ndarray) -> None:
     ds = make_dicom(nih_small, modality="DX", PresentationLUTShape="INVERSE")
     np.testing.assert_allclose(load_radiograph(ds, POLICY).pixels, 1 - nih_small, atol=2e-4)
+    # DX MONOCHROME1 carries INVERSE as a description of the same inversion: applied once.
+    ds = make_dicom(nih_small, modality="DX", photometric="MONOCHROME1")
+    assert ds.PresentationLUTShape == "INVERSE"
+    np.testing.assert_allclose(load_radiograph(ds, POLICY).pixels, nih_small, atol=2e-4)
 
 
 def test_input_dataset_not_modified_and_header_shallow(nih_small: np.ndarray) -> None:
@@ -556,3 +575,70 @@ def test_load_picture_errors(tmp_path: Path) -> None:
         load_picture(broken)
     with pytest.raises(CorruptPixelData):
         load_picture(tmp_path / "missing.png")
+
+
+# ---------------------------------------------------------------------------------------
+# Never a bare traceback: random header / pixel data damage gives a typed error
+# ---------------------------------------------------------------------------------------
+
+_BASE_SYNTAXES = (uid.ExplicitVRLittleEndian, uid.RLELossless, uid.JPEG2000Lossless)
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    syntax_index=st.integers(0, len(_BASE_SYNTAXES) - 1),
+    rows=st.sampled_from([None, 0, 1, 128, 160, 9000, 65535]),
+    bits_allocated=st.sampled_from([None, 1, 8, 16, 32]),
+    bits_stored=st.sampled_from([None, 0, 8, 12, 16, 17]),
+    samples=st.sampled_from([None, 1, 3]),
+    photometric=st.sampled_from([None, "MONOCHROME1", "RGB", "YBR_FULL", "PALETTE COLOR", ""]),
+    signed=st.sampled_from([None, 1]),
+    frames=st.sampled_from([None, 0, 1, 2]),
+    window=st.sampled_from([None, (2048.0, 4096.0), (0.0, 0.0), (-5.0, 1.0)]),
+    cut=st.sampled_from([None, 0, 1, 100, 5000]),
+    max_side=st.sampled_from([None, 64]),
+)
+def test_damaged_headers_give_typed_errors(
+    nih_small: np.ndarray,
+    syntax_index: int,
+    rows: int | None,
+    bits_allocated: int | None,
+    bits_stored: int | None,
+    samples: int | None,
+    photometric: str | None,
+    signed: int | None,
+    frames: int | None,
+    window: tuple[float, float] | None,
+    cut: int | None,
+    max_side: int | None,
+) -> None:
+    ds = make_dicom(nih_small[:160, :200], transfer_syntax=_BASE_SYNTAXES[syntax_index])
+    for keyword, value in (
+        ("Rows", rows),
+        ("BitsAllocated", bits_allocated),
+        ("BitsStored", bits_stored),
+        ("SamplesPerPixel", samples),
+        ("PhotometricInterpretation", photometric),
+        ("PixelRepresentation", signed),
+        ("NumberOfFrames", frames),
+    ):
+        if value is not None:
+            setattr(ds, keyword, value)
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if cut is not None:
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) - cut] if cut else b""
+    try:
+        image = load_radiograph(ds, POLICY, max_side=max_side)
+    except CxrError as error:
+        assert isinstance(error, RejectedInput)
+        assert error.reason in set(Reason)
+        return
+    assert image.pixels.dtype == np.float32 and image.pixels.ndim == 2
+    assert np.isfinite(image.pixels).all()
+    assert float(image.pixels.min()) >= 0.0 and float(image.pixels.max()) <= 1.0

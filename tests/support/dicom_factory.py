@@ -292,14 +292,22 @@ def write(ds: Dataset, path: Path | str) -> Path:
 
 def _native_copy(ds: Dataset) -> Dataset:
     """A copy in explicit VR little endian with native (uncompressed) pixel data."""
-    copy = pydicom.dcmread(io.BytesIO(to_bytes(ds)))
-    if copy.file_meta.TransferSyntaxUID.is_compressed:
+    syntax = uid.UID(str(ds.file_meta.TransferSyntaxUID))
+    copy: Dataset
+    if syntax.is_compressed:
+        copy = pydicom.dcmread(io.BytesIO(to_bytes(ds)))
         copy.decompress()
-    elif copy.file_meta.TransferSyntaxUID != uid.ExplicitVRLittleEndian:
-        array = copy.pixel_array
-        copy = pydicom.dcmread(io.BytesIO(to_bytes(copy)))
-        copy.PixelData = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-        copy["PixelData"].VR = "OB" if copy.BitsAllocated == 8 else "OW"
+    else:
+        # Rebuild rather than re-save: pydicom refuses to write big endian data as little
+        # endian, and the pixel bytes must be re-ordered anyway.
+        array = ds.pixel_array
+        copy = Dataset()
+        for element in ds:
+            if element.keyword != "PixelData":
+                copy.add(element)
+        copy.file_meta = FileMetaDataset(ds.file_meta)
+        copy.PixelData = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"))).tobytes()
+        copy["PixelData"].VR = "OB" if int(ds.BitsAllocated) == 8 else "OW"
     copy.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
     return pydicom.dcmread(io.BytesIO(to_bytes(copy)))
 

@@ -183,6 +183,19 @@ def test_nih_roundtrip_every_syntax(
         assert float(error.max()) <= 0.5 / ((1 << bits) - 1) + 1e-6
 
 
+def test_factory_reencodes_from_any_syntax(nih_small: np.ndarray) -> None:
+    reference = make_dicom(nih_small).pixel_array
+    sources = [uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian, uid.RLELossless]
+    if dcmtk_available():
+        sources.append(uid.ExplicitVRBigEndian)
+    for source in sources:
+        ds = make_dicom(nih_small, transfer_syntax=source)
+        for target in (uid.ExplicitVRLittleEndian, uid.JPEG2000Lossless):
+            again = encode(ds, target)
+            assert again.file_meta.TransferSyntaxUID == target
+            np.testing.assert_array_equal(again.pixel_array, reference)
+
+
 def test_nih_full_resolution_dicom_equals_png(nih_png_paths: list[Path]) -> None:
     """An 8-bit DICOM of the PNG's own values ingests to exactly load_picture(png)."""
     png = nih_png_paths[1]

@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 Sleep = Callable[[float], None]
 
 
+class JobInterrupted(Exception):
+    """Raised by an executor's ``sleep`` when it is shutting down during send backoff.
+
+    :func:`process_job` then puts the job back to QUEUED (results stay in the outbox), so
+    the next start picks it up instead of recording a spurious failure.
+    """
+
+
 def destinations_for(record: JobRecord, settings: SendSettings) -> list[Destination]:
     """Where the results of one instance go.
 
@@ -174,7 +182,8 @@ def process_job(
     spool
         The spool holding the instance.
     sleep
-        Waits between send attempts (injectable for tests).
+        Waits between send attempts (injectable for tests); may raise
+        :class:`JobInterrupted` to abandon the job for now.
     analyse_lock
         Held during analysis when threads share one engine (Grad-CAM hooks are not
         thread-safe); sending happens outside it.
@@ -183,8 +192,8 @@ def process_job(
     -------
     JobState
         The final state: DONE, SKIPPED or FAILED (or the recorded state when the job was
-        already finished). Never raises for a bad input or a failed send; the reason is
-        in the ledger.
+        already finished; QUEUED when interrupted by a shutdown). Never raises for a bad
+        input or a failed send; the reason is in the ledger.
     """
     record = ledger.get(uid)
     if record is None:
@@ -207,6 +216,10 @@ def process_job(
             )
         for destination in destinations:
             send_with_retries(datasets, destination, settings.send, sleep=sleep)
+    except JobInterrupted:
+        ledger.mark(uid, JobState.QUEUED, reason="interrupted: executor shutting down")
+        log.info("%s interrupted by shutdown; left queued for the next start", uid)
+        return JobState.QUEUED
     except RejectedInput as exc:
         ledger.mark(uid, JobState.SKIPPED, reason=str(exc))
         log.info("%s skipped: %s", uid, exc.reason.value)

@@ -7,6 +7,7 @@ failure status and a log line with UIDs only, never patient data.
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 
@@ -84,11 +85,18 @@ class StoreHandler:
                 uid,
             )
             return DimseStatus.OUT_OF_RESOURCES
+        # Parse the header first: a data set pydicom cannot read is refused, not spooled.
+        ds: Dataset = event.dataset
         # The object exactly as received (file meta + data set in the accepted transfer
         # syntax), on disk and fsynced before we answer Success.
         encoded = event.encoded_dataset(include_meta=True)
-        path = self.spool.store(uid, lambda handle: handle.write(encoded))
-        ds: Dataset = event.dataset
+        try:
+            path = self.spool.store(uid, lambda handle: handle.write(encoded))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("spool full while storing %s: refusing", uid)
+                return DimseStatus.OUT_OF_RESOURCES
+            raise
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
         calling_ae = _calling_ae(event)
         if not self.ledger.record_received(

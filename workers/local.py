@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from cxr_pipeline.jobs import process_job
+from cxr_pipeline.jobs import JobInterrupted, process_job
 from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.pipeline import Engine
 from cxr_pipeline.settings import Settings
@@ -38,7 +38,8 @@ class LocalWorkerPool:
     engine
         A loaded engine to share; None builds one from ``settings`` (loads the model).
     sleep
-        Waits between send attempts (injectable for tests).
+        Waits between send attempts (injectable for tests). Default: a wait that
+        :meth:`close` interrupts (the job goes back to QUEUED for the next start).
     sweep
         Run a background sweep that queues ledger rows left RECEIVED for longer than
         ``worker.requeue_after_s`` (e.g. FAILED jobs moved back by
@@ -52,14 +53,14 @@ class LocalWorkerPool:
         spool: Spool,
         *,
         engine: Engine | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         sweep: bool = True,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.spool = spool
         self.engine = engine if engine is not None else Engine.from_settings(settings)
-        self._sleep = sleep
+        self._sleep = sleep if sleep is not None else self._interruptible_sleep
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._pending: set[str] = set()
         self._lock = threading.Lock()
@@ -124,7 +125,11 @@ class LocalWorkerPool:
             return self._idle.wait_for(lambda: not self._pending, timeout=timeout_s)
 
     def close(self) -> None:
-        """Finish the queued jobs, then stop the threads."""
+        """Stop the threads; running jobs finish their current step.
+
+        Jobs still waiting in the queue, and jobs waiting for a send retry, stay QUEUED in
+        the ledger and run on the next start.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -134,6 +139,10 @@ class LocalWorkerPool:
             self._queue.put(_STOP)
         for thread in self._threads:
             thread.join()
+
+    def _interruptible_sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise JobInterrupted("worker pool closing")
 
     def sweep_once(self) -> list[str]:
         """Queue the rows that stayed RECEIVED longer than ``worker.requeue_after_s``.
@@ -165,6 +174,11 @@ class LocalWorkerPool:
             uid = self._queue.get()
             if uid is _STOP:
                 return
+            if self._stop.is_set():  # shutting down: leave it QUEUED for the next start
+                with self._idle:
+                    self._pending.discard(uid)
+                    self._idle.notify_all()
+                continue
             try:
                 process_job(
                     uid,

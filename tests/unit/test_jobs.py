@@ -211,3 +211,35 @@ def test_local_pool_runs_jobs_and_sweeps_stale_rows(
         pool.close()
     with pytest.raises(RuntimeError):
         pool.enqueue(ct)
+
+
+def test_closing_the_pool_during_send_backoff_leaves_the_job_queued(
+    base_engine: Engine, service: Service, tmp_path: Path
+) -> None:
+    import time
+
+    from workers.local import LocalWorkerPool
+
+    uid = service.receive("RG1_UNCR.dcm")
+    with recording_scp(status=DimseStatus.OUT_OF_RESOURCES) as refusing:
+        engine = _engine(
+            base_engine,
+            tmp_path,
+            max_attempts=5,
+            backoff_initial_s=120.0,
+            destinations=[{"ae_title": "X", "host": "127.0.0.1", "port": refusing.port}],
+        )
+        pool = LocalWorkerPool(engine.settings, service.ledger, service.spool, engine=engine)
+        pool.enqueue(uid)
+        deadline = time.monotonic() + 120
+        while not refusing.received and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert refusing.received, "the first send attempt never came"
+        started = time.monotonic()
+        pool.close()
+        assert time.monotonic() - started < 30  # not the 120 s backoff
+    record = service.ledger.get(uid)
+    assert record is not None and record.state is JobState.QUEUED
+    assert record.reason is not None and record.reason.startswith("interrupted")
+    assert len(service.spool.outbox_files(uid)) == 2
+    assert [r.sop_instance_uid for r in service.ledger.unfinished()] == [uid]

@@ -1,0 +1,456 @@
+"""``cxr-train``: train one of the paper's classifiers and write checkpoint + model card.
+
+Recipes (all are explicit options; the run's full configuration is saved beside the
+checkpoint):
+
+* **paper** (defaults): ImageNet-pretrained backbone frozen, only the last layer
+  trained, 224 px input, batch 20, learning rate 1e-4, 100 epochs, SGD with momentum
+  0.9 and StepLR(step 7, gamma 0.1), as the authors' released training code
+  (``ResNet18_train.py``). With a frozen backbone the features are computed once and the
+  head is trained on the cache (:mod:`training.features`), which gives the same weights
+  as the naive loop; augmentation is then offline (each training copy, e.g. the 5 COVID
+  copies, is one fixed random augmentation, like the paper's Augmentor copies).
+* **scratch** (``--weights none --no-freeze``): every layer trained from random
+  initialisation, for machines without the ImageNet weights (the packaged default model).
+  Adam (``--optimizer adam``) converges in far fewer epochs than SGD at lr 1e-4 here.
+
+Class imbalance is handled explicitly: class-weighted cross-entropy (default) or a
+class-balanced weighted sampler. The best epoch is chosen on the validation split (AUC,
+then loss), never on the test split, and so is the operating threshold: the highest
+cut-off reaching the target sensitivity (default 98%) on validation. The Device UID is
+derived from a hash of the trained weights, so it changes whenever the weights do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydicom.uid import UID
+from torch import nn
+
+from cxr_pipeline.model_card import ModelCard, PreprocessingSpec
+from cxr_pipeline.models import build_model, save_checkpoint
+from cxr_pipeline.preprocess import ResizeShorterSide, build_transform
+from training.datasets import (
+    COVID,
+    LABELS,
+    DatasetError,
+    Sample,
+    load_image,
+    read_manifest,
+    resolve,
+)
+from training.features import compute_features, freeze, split_backbone_head, trainable_parameters
+from training.metrics import roc, threshold_for_sensitivity
+
+log = logging.getLogger(__name__)
+
+_DEVICE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxr-pipeline:device-uid:v1")
+"""Namespace of the weights-derived Device UIDs (never change it)."""
+
+SOURCE_CAVEAT = (
+    "COVID and non-COVID images largely come from different sources (publications versus "
+    "NIH/CheXpert); a model can score well by recognising the source instead of the "
+    "disease. Scores on such data are not clinical performance."
+)
+INTENDED_USE = (
+    "Research model, not for diagnostic use; not a medical device. " + SOURCE_CAVEAT
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every choice of a training run (saved with the checkpoint)."""
+
+    architecture: str = "resnet18"
+    weights: str | None = "IMAGENET1K_V1"
+    """torchvision backbone weights (must be cached locally) or None (from scratch)."""
+    freeze_backbone: bool = True
+    """The paper's recipe: only the last layer is trained."""
+    feature_cache: bool = True
+    """With a frozen backbone: compute features once (same result as the naive loop)."""
+    epochs: int = 100
+    batch_size: int = 20
+    lr: float = 1e-4
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scheduler: Literal["step", "none"] = "step"
+    step_size: int = 7
+    gamma: float = 0.1
+    balance: Literal["class_weights", "sampler", "none"] = "class_weights"
+    augment: bool = True
+    resize: int = 256
+    crop: int = 224
+    seed: int = 0
+    target_sensitivity: float = 0.98
+    device: str = "cpu"
+    threads: int = 0
+    """torch CPU threads (0: torch's default)."""
+    name: str = ""
+    version: str = "0.1.0"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    model: nn.Module
+    card: ModelCard
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class ImageCache:
+    """Images of a split, decoded once and resized once to the chain's shorter side.
+
+    The evaluation chain resizes the shorter side to ``spec.resize`` first; doing that
+    step here with the very same transform makes the chain's own resize an identity, so
+    a cached image gives the same tensor as the full-resolution file.
+    """
+
+    def __init__(self, samples: Sequence[Sample], data_dir: Path, spec: PreprocessingSpec,
+                 on_image: Callable[[], None] | None = None) -> None:
+        shrink = ResizeShorterSide(spec.resize)
+        self.samples = list(samples)
+        self.images: list[np.ndarray] = []
+        for s in self.samples:
+            pixels = load_image(resolve(s, data_dir))
+            small = shrink(torch.from_numpy(pixels)[None])
+            self.images.append(np.asarray(small[0], dtype=np.float32))
+            if on_image is not None:
+                on_image()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _items(samples: Sequence[Sample]) -> list[int]:
+    """Sample index of each training item: a sample with ``copies=k`` appears k times."""
+    return [i for i, s in enumerate(samples) for _ in range(s.copies)]
+
+
+def _class_weights(targets: torch.Tensor) -> torch.Tensor:
+    counts = torch.bincount(targets, minlength=len(LABELS)).float()
+    if (counts == 0).any():
+        raise DatasetError(f"training split lacks a class (counts {counts.tolist()})")
+    return counts.sum() / (len(LABELS) * counts)
+
+
+def epoch_orders(targets: torch.Tensor, epochs: int, balance: str, seed: int
+                 ) -> list[torch.Tensor]:
+    """Item order of every epoch (shuffled, or class-balanced draws with replacement)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = targets.numel()
+    if balance == "sampler":
+        weights = _class_weights(targets)[targets]
+        return [torch.multinomial(weights, n, replacement=True, generator=gen)
+                for _ in range(epochs)]
+    return [torch.randperm(n, generator=gen) for _ in range(epochs)]
+
+
+def _optimizer(params: list[nn.Parameter], cfg: TrainConfig
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    opt: torch.optim.Optimizer
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = (torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+             if cfg.scheduler == "step" else None)
+    return opt, sched
+
+
+def weights_device_uid(model: nn.Module) -> str:
+    """Device UID (``2.25.<uuid>``) derived from a SHA-256 of the model's weights.
+
+    Not pydicom's ``generate_uid``: with ``prefix=None`` it ignores ``entropy_srcs`` and
+    returns a random UID. The weights' digest names an RFC 4122 version-5 UUID, whose
+    integer forms the UID (PS3.5 B.2): same weights, same UID; new weights, new UID.
+    """
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(value.dtype).encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return str(UID(f"2.25.{uuid.uuid5(_DEVICE_NAMESPACE, digest.hexdigest()).int}"))
+
+
+def _probabilities(logits: torch.Tensor) -> np.ndarray:
+    return np.asarray(torch.softmax(logits.float(), dim=1)[:, LABELS.index(COVID)].numpy())
+
+
+def run_training(
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    data_dir: Path,
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    training_data: str = "",
+) -> TrainResult:
+    """Train a model on ``train``, choosing epoch and threshold on ``val``.
+
+    Parameters
+    ----------
+    train, val
+        Samples (``copies`` counted for ``train``).
+    data_dir
+        Folder the sample paths are relative to.
+    cfg
+        The run's configuration.
+    progress
+        Show a rich progress bar.
+    training_data
+        Summary written into the model card.
+
+    Returns
+    -------
+    TrainResult
+        The best-epoch model (eval mode, CPU) with its card and per-epoch history.
+
+    Raises
+    ------
+    DatasetError
+        Empty split, a split without both classes, or unreadable images.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not train or not val:
+        raise DatasetError("train and validation splits must not be empty")
+    start = time.perf_counter()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    spec = replace(PreprocessingSpec(), resize=cfg.resize, crop=cfg.crop)
+    model = build_model(cfg.architecture, weights=cfg.weights).to(device)
+    backbone, head = split_backbone_head(model, cfg.architecture)
+    if cfg.freeze_backbone:
+        freeze(backbone)
+    params = trainable_parameters(model)
+    optimizer, scheduler = _optimizer(params, cfg)
+
+    items = _items(train)
+    targets = torch.tensor([train[i].target for i in items])
+    val_targets = np.array([s.target for s in val])
+    weights = _class_weights(targets) if cfg.balance == "class_weights" else None
+    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+    orders = epoch_orders(targets, cfg.epochs, cfg.balance, cfg.seed)
+    train_tf = build_transform(spec, train=cfg.augment)
+    eval_tf = build_transform(spec, train=False)
+    if hasattr(train_tf, "set_random_state"):
+        train_tf.set_random_state(cfg.seed)
+    cached = cfg.freeze_backbone and cfg.feature_cache
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+               "{task.total}"), TimeElapsedColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        loading = bar.add_task("decode images", total=len(train) + len(val))
+        train_cache = ImageCache(train, data_dir, spec, lambda: bar.advance(loading))
+        val_cache = ImageCache(val, data_dir, spec, lambda: bar.advance(loading))
+
+        def train_batch(idx: Sequence[int]) -> torch.Tensor:
+            return torch.stack([train_tf(train_cache.images[items[i]]) for i in idx])
+
+        val_inputs = torch.stack([eval_tf(im) for im in val_cache.images])
+        if cached:
+            feat_task = bar.add_task("features (once)", total=len(items) + len(val))
+            train_feats = compute_features(backbone, len(items), train_batch,
+                                           batch_size=cfg.batch_size, device=device,
+                                           on_batch=lambda n: bar.advance(feat_task, n))
+            val_feats = compute_features(backbone, len(val), lambda i: val_inputs[list(i)],
+                                         batch_size=cfg.batch_size, device=device,
+                                         on_batch=lambda n: bar.advance(feat_task, n))
+
+        history: list[dict[str, float]] = []
+        best: tuple[float, float] = (-1.0, float("inf"))
+        best_state: dict[str, Any] = {}
+        best_epoch = 0
+        epochs_task = bar.add_task("epochs", total=cfg.epochs)
+        for epoch, order in enumerate(orders, start=1):
+            model.train()
+            if cfg.freeze_backbone:
+                backbone.eval()
+            batches = bar.add_task(f"epoch {epoch}", total=len(order))
+            running = 0.0
+            for b in range(0, len(order), cfg.batch_size):
+                idx = order[b:b + cfg.batch_size]
+                y = targets[idx].to(device)
+                if cached:
+                    logits = head(train_feats[idx].to(device))
+                else:
+                    logits = model(train_batch(idx.tolist()).to(device))
+                loss = criterion(logits, y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                running += loss.item() * len(idx)
+                bar.advance(batches, len(idx))
+            if scheduler is not None:
+                scheduler.step()
+            bar.remove_task(batches)
+            model.eval()
+            with torch.inference_mode():
+                if cached:
+                    val_logits = head(val_feats.to(device)).cpu()
+                else:
+                    val_logits = torch.cat([model(val_inputs[i:i + cfg.batch_size].to(device))
+                                            .cpu() for i in range(0, len(val), cfg.batch_size)])
+                val_loss = float(nn.functional.cross_entropy(
+                    val_logits.float(), torch.from_numpy(val_targets),
+                    weight=None if weights is None else weights))
+            scores = _probabilities(val_logits)
+            val_auc = roc(scores, val_targets)[1] if len(set(val_targets)) == 2 else float("nan")
+            history.append({"epoch": epoch, "train_loss": running / len(order),
+                            "val_loss": val_loss, "val_auc": val_auc})
+            log.info("epoch %d train_loss %.4f val_loss %.4f val_auc %.4f",
+                     epoch, running / len(order), val_loss, val_auc)
+            key = (np.nan_to_num(val_auc, nan=-1.0), -val_loss)
+            if key > (best[0], -best[1]) or not best_state:
+                best = (float(key[0]), val_loss)
+                best_epoch = epoch
+                best_state = copy.deepcopy(model.state_dict())
+            bar.advance(epochs_task)
+
+    model.load_state_dict(best_state)
+    model = model.cpu().eval()
+    with torch.inference_mode():
+        val_scores = _probabilities(
+            torch.cat([model(val_inputs[i:i + cfg.batch_size]) for i in range(0, len(val),
+                                                                            cfg.batch_size)]))
+    threshold = threshold_for_sensitivity(val_scores, val_targets, cfg.target_sensitivity)
+    chosen = history[best_epoch - 1]
+    card = ModelCard(
+        name=cfg.name or f"deep-covid-{cfg.architecture}",
+        version=cfg.version,
+        architecture=cfg.architecture,
+        device_uid=weights_device_uid(model),
+        class_names=LABELS,
+        threshold=threshold,
+        preprocessing=spec,
+        training_data=training_data,
+        metrics={"val_auc": chosen["val_auc"], "val_loss": chosen["val_loss"],
+                 "best_epoch": float(best_epoch),
+                 "target_sensitivity": cfg.target_sensitivity},
+        intended_use=INTENDED_USE,
+    )
+    return TrainResult(model=model, card=card, best_epoch=best_epoch, history=history,
+                       seconds=time.perf_counter() - start)
+
+
+def split_summary(samples: Sequence[Sample]) -> str:
+    """One-line description of a split manifest for the model card."""
+    parts = []
+    for split in ("train", "val", "test"):
+        sub = [s for s in samples if s.split == split]
+        covid = sum(s.label == COVID for s in sub)
+        copies = sum(s.copies for s in sub if s.label == COVID)
+        parts.append(f"{split}: {covid} COVID ({copies} training copies) + "
+                     f"{len(sub) - covid} non-COVID" if split == "train" else
+                     f"{split}: {covid} COVID + {len(sub) - covid} non-COVID")
+    sources = sorted({s.source for s in samples if s.source})
+    return ("; ".join(parts) + f"; patient-disjoint; sources: {', '.join(sources)}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="cxr-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--split", type=Path, required=True, help="split manifest from cxr-split")
+    p.add_argument("--data-dir", type=Path, required=True, help="folder the paths are under")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.pt)")
+    p.add_argument("--architecture", default=d.architecture,
+                   choices=("resnet18", "resnet50", "squeezenet1_1", "densenet121"))
+    p.add_argument("--weights", default=d.weights,
+                   help="torchvision weights name (cached locally) or 'none' (from scratch)")
+    p.add_argument("--no-freeze", action="store_true", help="train every layer")
+    p.add_argument("--no-feature-cache", action="store_true",
+                   help="frozen backbone: run it every step (per-epoch augmentation)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--scheduler", choices=("step", "none"), default=d.scheduler)
+    p.add_argument("--step-size", type=int, default=d.step_size)
+    p.add_argument("--gamma", type=float, default=d.gamma)
+    p.add_argument("--balance", choices=("class_weights", "sampler", "none"), default=d.balance)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--resize", type=int, default=d.resize)
+    p.add_argument("--crop", type=int, default=d.crop)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--target-sensitivity", type=float, default=d.target_sensitivity)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--name", default=d.name)
+    p.add_argument("--version", default=d.version)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Build the :class:`TrainConfig` of parsed ``cxr-train`` options."""
+    return TrainConfig(
+        architecture=args.architecture,
+        weights=None if str(args.weights).lower() == "none" else args.weights,
+        freeze_backbone=not args.no_freeze, feature_cache=not args.no_feature_cache,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
+        step_size=args.step_size, gamma=args.gamma, balance=args.balance,
+        augment=not args.no_augment, resize=args.resize, crop=args.crop, seed=args.seed,
+        target_sensitivity=args.target_sensitivity, device=args.device, threads=args.threads,
+        name=args.name, version=args.version,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cxr-train``; returns the exit status."""
+    from rich.console import Console
+
+    from cxr_pipeline.errors import CxrError
+
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True)
+    if args.no_progress:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = config_from_args(args)
+    try:
+        samples = read_manifest(args.split)
+        train = [s for s in samples if s.split == "train"]
+        val = [s for s in samples if s.split == "val"]
+        result = run_training(train, val, args.data_dir, cfg, progress=not args.no_progress,
+                              training_data=split_summary(samples))
+    except (DatasetError, CxrError, ValueError) as exc:
+        console.print(f"[bold red]cxr-train: {exc}")
+        return 2
+    save_checkpoint(args.out, result.model, result.card)
+    record = {"config": asdict(cfg), "card": result.card.to_dict(),
+              "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
+              "history": result.history, "split": str(args.split)}
+    args.out.with_suffix(".train.json").write_text(json.dumps(record, indent=2) + "\n")
+    console.print(f"checkpoint {args.out}: best epoch {result.best_epoch}, "
+                  f"threshold {result.card.threshold:.4f}, device UID {result.card.device_uid}, "
+                  f"{result.seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,9 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 import pytest
@@ -291,3 +293,62 @@ def test_listener_and_separate_worker_process_deliver_results_to_orthanc(
             record = ledger.get(str(header.SOPInstanceUID))
             assert record is not None
             assert sorted(record.result_uids) == sorted(t["SOPInstanceUID"] for t in results)
+
+
+def _copier(path: Path) -> Callable[[BinaryIO], None]:
+    data = path.read_bytes()
+
+    def write(handle: BinaryIO) -> None:
+        handle.write(data)
+
+    return write
+
+
+@pytest.mark.slow
+def test_micro_batch_gives_the_single_image_results(
+    tmp_path: Path, tiny_checkpoint: Path, shared_dicom_dir: Path
+) -> None:
+    """One forward pass for the batch; each SR/SC equals what the single-image path writes."""
+    from cxr_pipeline.encode.reading import read_structured_report
+    from cxr_pipeline.pipeline import analyse
+    from workers.tasks import WorkerRuntime, classify_batch, write_batch_results
+
+    settings = load_settings(
+        None,
+        data_dir=tmp_path / "data",
+        model={"checkpoint": tiny_checkpoint, "device": "cpu"},
+        explain={"method": "gradcam"},
+    )
+    runtime = WorkerRuntime.open(settings)
+    names = [
+        "siim_cr_pa_jpeg_baseline.dcm",
+        "rsna_cr_ap_jpeg_baseline.dcm",
+        "nih_dx_secondary_capture.dcm",
+    ]
+    uids = []
+    for name in names:
+        path = shared_dicom_dir / name
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        uid = str(header.SOPInstanceUID)
+        spooled = runtime.spool.store(uid, _copier(path))
+        runtime.ledger.record_received(
+            uid, study_uid=str(header.StudyInstanceUID), calling_ae="MODALITY", spool_path=spooled
+        )
+        uids.append(uid)
+    runtime.ledger.mark(uids[2], JobState.DONE)  # finished jobs are never re-analysed
+
+    batch = classify_batch(uids, runtime)
+    assert batch is not None
+    assert list(batch.images) == uids[:2]
+    for uid in uids[:2]:
+        assert write_batch_results(uid, batch, runtime.spool)
+        written = runtime.spool.outbox_files(uid)
+        assert len(written) == 2
+        single = analyse(runtime.spool.path_for(uid), runtime.engine)
+        assert sorted(p.stem for p in written) == sorted(
+            str(ds.SOPInstanceUID) for ds in single.result_datasets
+        )
+        sr = next(p for p in written if pydicom.dcmread(p).Modality == "SR")
+        read = read_structured_report(sr)
+        assert read.source_sop_instance_uid == uid
+        assert read.probability == pytest.approx(single.finding.probability, abs=1e-4)

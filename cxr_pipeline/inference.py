@@ -95,8 +95,10 @@ class Predictor:
         self.channels_last = channels_last
         self.batch_size = batch_size
         model = model.to(self.device).eval()
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # Set both ways: a model shared with an earlier channels-last predictor is
+        # converted back (Module.to changes the parameters in place).
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=layout)  # type: ignore[call-overload]
         self.model = model
 
     @classmethod

@@ -30,6 +30,7 @@ The chest decision, in order:
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import pydicom
 from numpy.typing import NDArray
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from cxr_pipeline.codes import RADIOGRAPHY_SOP_CLASSES, SECONDARY_CAPTURE_SOP_CLASSES
@@ -301,7 +302,7 @@ def _header_of(ds: Dataset) -> Dataset:
             header.add(element)
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
-        header.file_meta = FileMetaDataset(meta)
+        header.file_meta = copy.deepcopy(meta)  # FileMetaDataset(meta) would share its dict
     return header
 
 

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -294,6 +295,9 @@ def _native_copy(ds: Dataset) -> Dataset:
     """A copy in explicit VR little endian with native (uncompressed) pixel data."""
     syntax = uid.UID(str(ds.file_meta.TransferSyntaxUID))
     copy: Dataset
+    if syntax == uid.ExplicitVRLittleEndian:
+        # Nothing to convert: also works for deliberately broken headers (no Rows, ...).
+        return pydicom.dcmread(io.BytesIO(to_bytes(ds)))
     if syntax.is_compressed:
         copy = pydicom.dcmread(io.BytesIO(to_bytes(ds)))
         copy.decompress()
@@ -305,7 +309,7 @@ def _native_copy(ds: Dataset) -> Dataset:
         for element in ds:
             if element.keyword != "PixelData":
                 copy.add(element)
-        copy.file_meta = FileMetaDataset(ds.file_meta)
+        copy.file_meta = deepcopy(ds.file_meta)  # FileMetaDataset(...) would share the dict
         copy.PixelData = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"))).tobytes()
         copy["PixelData"].VR = "OB" if int(ds.BitsAllocated) == 8 else "OW"
     copy.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian

@@ -302,6 +302,8 @@ def test_input_dataset_not_modified_and_header_shallow(nih_small: np.ndarray) ->
     assert image.study_instance_uid == ds.StudyInstanceUID
     assert image.series_instance_uid == ds.SeriesInstanceUID
     assert image.pixel_spacing_mm == pytest.approx((0.2, 0.2))
+    image.header.file_meta.TransferSyntaxUID = uid.ImplicitVRLittleEndian
+    assert ds.file_meta.TransferSyntaxUID == uid.ExplicitVRLittleEndian
 
 
 def test_read_dataset_sources(nih_small: np.ndarray, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import pydicom
@@ -134,28 +134,40 @@ def read_dataset(source: Path | str | BinaryIO | Dataset) -> Dataset:
     if isinstance(source, Dataset):
         return source
     name = str(source) if isinstance(source, str | Path) else "stream"
+    start = None if isinstance(source, str | Path) else _tell(source)
+    ds = _dcmread(source, name)
+    if len(ds) == 0 and (start is not None or isinstance(source, str | Path)):
+        # pydicom returns an empty dataset when a file ends inside encapsulated pixel
+        # data; reading the header alone tells a truncated image (no Pixel Data: corrupt,
+        # decided later) from a file that never held any data element.
+        if start is not None:
+            cast(BinaryIO, source).seek(start)
+        ds = _dcmread(source, name, stop_before_pixels=True)
+    if len(ds) == 0:
+        raise NotDicom(f"{name} holds no DICOM data elements")
+    return ds
+
+
+def _tell(stream: BinaryIO) -> int | None:
+    try:
+        return stream.tell() if stream.seekable() else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _dcmread(
+    source: Path | str | BinaryIO, name: str, *, stop_before_pixels: bool = False
+) -> Dataset:
     try:
         with warnings.catch_warnings():
             # Truncated files warn and return a partial dataset; the checks that follow
             # name what is missing.
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(source)
+            return pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError as exc:
         raise NotDicom(f"{name} is not a DICOM Part 10 file: {exc}") from exc
     except Exception as exc:  # OSError, EOFError, struct / value errors from a broken file
         raise NotDicom(f"cannot read {name} as DICOM: {type(exc).__name__}: {exc}") from exc
-    if len(ds) == 0 and not isinstance(source, str | Path):
-        raise NotDicom(f"{name} holds no DICOM data elements")
-    if len(ds) == 0:
-        # pydicom returns an empty dataset when a file ends inside encapsulated pixel
-        # data; the header alone tells a truncated image (no Pixel Data, decided later)
-        # from a file that never held any data element.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(source, stop_before_pixels=True)
-        if len(ds) == 0:
-            raise NotDicom(f"{name} holds no DICOM data elements")
-    return ds
 
 
 def _text(ds: Dataset, keyword: str) -> str:

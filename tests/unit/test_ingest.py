@@ -387,6 +387,8 @@ def test_truncated_files(tmp_path: Path) -> None:
         with pytest.raises(CorruptPixelData) as info:
             load_radiograph(half, POLICY)
         assert info.value.reason is Reason.CORRUPT_PIXEL_DATA
+        with pytest.raises(CorruptPixelData):
+            load_radiograph(io.BytesIO(data[: len(data) // 2]), POLICY)
         stub = tmp_path / f"stub_{name}"
         stub.write_bytes(data[:100])
         with pytest.raises(NotDicom):

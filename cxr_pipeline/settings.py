@@ -219,11 +219,12 @@ class BatchSettings(_Section):
     """Decoding processes; 0 = number of CPU cores."""
     batch_size: int = 16
     """Images stacked into one model forward pass."""
-    decode_max_side: int = 1024
-    """Longest side the decoders need to produce for classification (JPEG 2000 decodes at
-    reduced resolution, others are downsampled in the decode process); the model input is
-    224 px, so this does not change the input's content. 0 = full resolution. Secondary
-    Captures and heatmaps use ``output.sc_max_size`` instead."""
+    decode_max_side: int = 512
+    """Longest side the decoders need to produce for classification (JPEG 2000 and 8-bit
+    JPEG decode at reduced resolution, others are area-averaged in the decode process).
+    The model input is resized (area) to 256 px anyway: for integer factors, as 1024 ->
+    512 -> 256, the model input is the same. 0 = full resolution. Secondary Captures and
+    heatmaps use ``output.sc_max_size`` instead."""
     torch_threads: int = 0
     """Intra-op threads of the model in the main process; 0 = CPU cores minus decoders
     (at least 1)."""

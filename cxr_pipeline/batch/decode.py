@@ -129,13 +129,21 @@ def _dicom_source(item: InputFile) -> Dataset:
         return ds
 
 
+def _model_input(pixels: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
+    """Preprocess to the float32 array that crosses back to the main process."""
+    if not pixels.flags.writeable:  # torch refuses to wrap read-only memory safely
+        pixels = pixels.copy()
+    tensor = preprocess(pixels, spec)
+    return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=np.float32)
+
+
 def _decode_dicom(job: DecodeJob, out: Decoded) -> None:
     ds = _dicom_source(job.item)
     out.sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
     out.study_instance_uid = str(ds.get("StudyInstanceUID", ""))
     out.series_instance_uid = str(ds.get("SeriesInstanceUID", ""))
     image = load_radiograph(ds, job.ingest, max_side=job.max_side)
-    out.tensor = preprocess(image.pixels, job.spec).numpy()
+    out.tensor = _model_input(image.pixels, job.spec)
     if job.keep_image:
         out.pixels = image.pixels
     if job.keep_header or job.keep_image:
@@ -144,7 +152,7 @@ def _decode_dicom(job: DecodeJob, out: Decoded) -> None:
 
 def _decode_picture(job: DecodeJob, out: Decoded) -> None:
     pixels = load_picture(job.item.path)
-    out.tensor = preprocess(pixels, job.spec).numpy()
+    out.tensor = _model_input(pixels, job.spec)
     if job.keep_image:
         out.pixels = pixels
 

@@ -62,8 +62,11 @@ class InputFile:
         return (str(self.path), self.size, self.mtime_ns)
 
 
-def _input_file(path: Path) -> InputFile:
-    stat = path.stat()
+def _input_file(path: Path) -> InputFile | None:
+    try:
+        stat = path.stat()
+    except OSError:  # vanished or unreadable between listing and stat: not an input
+        return None
     return InputFile(path=path, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
 
 
@@ -102,8 +105,9 @@ def walk(
     for raw in inputs:
         root = Path(raw).resolve()
         if root.is_file():
-            if keep(root):
-                yield _input_file(root)
+            found = _input_file(root) if keep(root) else None
+            if found is not None:
+                yield found
             continue
         if not root.is_dir():
             raise ConfigError(f"input {raw} is neither a file nor a folder")
@@ -115,8 +119,9 @@ def walk(
                 continue
             for name in sorted(files):
                 path = folder_path / name
-                if path.is_file() and keep(path):
-                    yield _input_file(path)
+                found = _input_file(path) if path.is_file() and keep(path) else None
+                if found is not None:
+                    yield found
 
 
 def detect_kind(path: Path) -> FileKind:

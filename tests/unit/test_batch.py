@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -295,3 +296,40 @@ def test_cli_refuses_bad_options_with_a_clear_status(
     assert "neither a file nor a folder" in capsys.readouterr().err
     assert cli_main([str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
     assert cli_main([str(tmp_path), "--out", str(tmp_path / "o"), "--send", "X@h:1"]) == 2
+
+
+def test_reduced_resolution_decode_gives_the_same_model_input(
+    nih_png_paths: list[Path], batch_settings: Settings
+) -> None:
+    # 1024 px -> decode_max_side 512 -> area resize to 256 equals 1024 -> 256 directly.
+    from cxr_pipeline.model_card import PreprocessingSpec
+    from tests.support import dicom_factory as factory
+
+    assert batch_settings.batch.decode_max_side == 512
+    ds = factory.make_dicom(factory.load_png(nih_png_paths[5], size=None), bits_stored=12)
+    assert (ds.Rows, ds.Columns) == (1024, 1024)
+    spec = PreprocessingSpec()
+    full = preprocess(np.array(load_radiograph(ds, batch_settings.ingest).pixels), spec)
+    reduced = load_radiograph(ds, batch_settings.ingest, max_side=512)
+    assert reduced.pixels.shape == (512, 512)
+    assert float((preprocess(np.array(reduced.pixels), spec) - full).abs().max()) < 1e-3
+
+
+def test_heatmaps_without_sc_are_saved_as_png_at_image_size(
+    mixed_tree: tuple[Path, dict[str, tuple[str, str]]],
+    batch_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    from PIL import Image
+
+    root, _ = mixed_tree
+    inputs = [root / "pictures" / "nih.png", root / "chest" / "cr_explicit_le.dcm"]
+    summary = run_batch(inputs, tmp_path / "out", batch_settings, BatchOptions(heatmaps=True))
+    assert [r.status for r in summary.rows] == ["done", "done"]
+    for row in summary.rows:
+        (png,) = row.outputs
+        assert png.startswith("heatmaps/") and row.explain_ms is not None
+        with Image.open(tmp_path / "out" / png) as image:
+            source = Path(row.path)
+            expected = (1024, 1024) if source.suffix == ".png" else (256, 256)
+            assert image.size == expected

@@ -1,0 +1,261 @@
+"""cxr-batch throughput against a per-image loop and against its own parts, in one run.
+
+On the same files and the same model (untrained resnet18 by default, weights=None: speed
+does not depend on the weights):
+
+(a) cxr-batch: ``run_batch`` (decode processes + batched inference in the main process),
+    timed on a warm process pool (a cold start is printed too);
+(b) a per-image loop in the style of the Deep-COVID authors' ``Inference.py``: read,
+    decode at full resolution, transform, forward one image at a time;
+(c) bare eager forward on pre-decoded tensors at the same batch size (all cores);
+(d) decode + preprocess alone with the same number of processes;
+e = 1 / (1/c + 1/d): what a perfect serial split of the machine between (c) and (d) gives.
+
+Inputs: (1) full-size DICOM radiographs in a realistic mix of transfer syntaxes (real RG1
+16-bit CR uncompressed and JPEG 2000, NIH 1024 px images wrapped as 12-16 bit native,
+JPEG 2000, JPEG-LS and 8-bit JPEG baseline), generated into a temporary folder; (2) the
+shared NIH 1024 px PNGs. Prints images/s and the ratios a/b and a/e for each.
+
+Usage::
+
+    .venv/bin/python bench/bench_batch.py [--arch resnet18] [--images 48] [--workers 2]
+
+The machine may be shared with other work: run it when it is quiet, and read the
+figures as a snapshot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # a script run from anywhere; the tests never do this
+    sys.path.insert(0, str(REPO))
+
+from cxr_pipeline.batch.decode import DecodeJob, decode_file  # noqa: E402
+from cxr_pipeline.batch.runner import (  # noqa: E402
+    BatchOptions,
+    _executor,
+    _torch_threads,
+    run_batch,
+)
+from cxr_pipeline.batch.walker import InputFile, walk  # noqa: E402
+from cxr_pipeline.inference import Predictor  # noqa: E402
+from cxr_pipeline.ingest import load_picture, load_radiograph  # noqa: E402
+from cxr_pipeline.model_card import ModelCard  # noqa: E402
+from cxr_pipeline.models import build_model  # noqa: E402
+from cxr_pipeline.preprocess import preprocess  # noqa: E402
+from cxr_pipeline.settings import Settings, load_settings  # noqa: E402
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("CXR_DATA_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "cxr"
+
+
+def make_dicom_mix(folder: Path, count: int) -> None:
+    """Write ``count`` full-size DICOM radiographs in a mix of transfer syntaxes."""
+    from pydicom import uid
+    from pydicom.data import get_testdata_file
+
+    from tests.support import dicom_factory as factory
+
+    rg1 = [get_testdata_file(n, download=False) for n in ("RG1_UNCR.dcm", "RG1_J2KR.dcm")]
+    nih = sorted((_data_dir() / "images" / "nih").glob("*.png"))
+    mixes: list[tuple[str, int, str]] = [
+        (uid.ExplicitVRLittleEndian, 12, "MONOCHROME2"),
+        (uid.JPEG2000Lossless, 16, "MONOCHROME1"),
+        (uid.JPEGLSLossless, 12, "MONOCHROME2"),
+        (uid.JPEGBaseline8Bit, 8, "MONOCHROME2"),
+    ]
+    written = 0
+    # One real RG1 (1955x1841, 16-bit) in every 8 files, alternating native / J2K.
+    for index in range(count):
+        target = folder / f"img{index:04d}.dcm"
+        if index % 8 == 7 and all(rg1):
+            shutil.copyfile(str(rg1[(index // 8) % 2]), target)
+        else:
+            syntax, bits, photometric = mixes[index % len(mixes)]
+            pixels = factory.load_png(nih[index % len(nih)], size=None)
+            ds = factory.make_dicom(
+                pixels,
+                modality="DX" if index % 2 else "CR",
+                photometric=photometric,  # type: ignore[arg-type]
+                bits_stored=bits,
+                transfer_syntax=syntax,
+            )
+            factory.write(ds, target)
+        written += 1
+    megabytes = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
+    print(f"  wrote {written} DICOM files ({megabytes:.0f} MB)")
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("nan")
+
+
+def bench_batch(
+    files: Path, settings: Settings, predictor: Predictor, out: Path
+) -> tuple[float, float]:
+    """(a): cold (fresh fork server) and warm images/s of run_batch."""
+    summaries = []
+    for name in ("cold", "warm"):
+        target = out / name
+        start = time.perf_counter()
+        summary = run_batch([files], target, settings, BatchOptions(), predictor=predictor)
+        seconds = time.perf_counter() - start
+        bad = {k: v for k, v in summary.counts.items() if k != "done"}
+        if bad:
+            raise SystemExit(f"benchmark files not all classified: {bad} {summary.rows[:2]}")
+        summaries.append(rate(summary.classified, seconds))
+    return summaries[0], summaries[1]
+
+
+def bench_loop(
+    items: list[InputFile], predictor: Predictor, settings: Settings, picture: bool
+) -> float:
+    """(b): one image at a time, full-resolution decode, batch of one."""
+    spec = predictor.card.preprocessing
+    start = time.perf_counter()
+    for item in items:
+        if picture:
+            pixels = load_picture(item.path)
+        else:
+            pixels = load_radiograph(item.path, settings.ingest).pixels
+        tensor = preprocess(pixels, spec).unsqueeze(0)
+        predictor.predict_tensors(tensor)
+    return rate(len(items), time.perf_counter() - start)
+
+
+def bench_forward(
+    tensors: torch.Tensor, predictor: Predictor, batch_size: int, repeat: int = 3
+) -> float:
+    """(c): forward passes only, on pre-decoded tensors, at the batch size (median)."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for first in range(0, len(tensors), batch_size):
+            predictor.predict_tensors(tensors[first : first + batch_size])
+        times.append(time.perf_counter() - start)
+    return rate(len(tensors), statistics.median(times))
+
+
+def bench_decode(
+    jobs: list[DecodeJob], settings: Settings, workers: int
+) -> tuple[float, torch.Tensor]:
+    """(d): decode + preprocess alone in ``workers`` warm processes; returns the tensors."""
+    executor: ProcessPoolExecutor = _executor(settings, workers)
+    try:
+        list(executor.map(decode_file, jobs[: workers * 2]))  # warm the processes
+        start = time.perf_counter()
+        results = list(executor.map(decode_file, jobs, chunksize=1))
+        seconds = time.perf_counter() - start
+    finally:
+        executor.shutdown()
+    tensors = [r.tensor for r in results if r.tensor is not None]
+    if len(tensors) != len(jobs):
+        raise SystemExit("decode failed on benchmark files")
+    return rate(len(jobs), seconds), torch.from_numpy(np.stack(tensors))
+
+
+def run_input(
+    label: str, files: Path, predictor: Predictor, settings: Settings, out: Path, picture: bool
+) -> dict[str, float]:
+    items = list(walk([files]))
+    workers = settings.batch.decode_workers
+    max_side = settings.batch.decode_max_side or None
+    spec = predictor.card.preprocessing
+    jobs = [DecodeJob(item=i, ingest=settings.ingest, spec=spec, max_side=max_side) for i in items]
+    default_threads = torch.get_num_threads()
+
+    a_cold, a = bench_batch(files, settings, predictor, out / label)
+    torch.set_num_threads(default_threads)
+    b = bench_loop(items, predictor, settings, picture)
+    d, tensors = bench_decode(jobs, settings, workers)
+    c = bench_forward(tensors, predictor, settings.batch.batch_size)
+    e = 1.0 / (1.0 / c + 1.0 / d)
+    figures = {"a_cold": a_cold, "a": a, "b": b, "c": c, "d": d, "e": e}
+    print(
+        f"\n{label}: {len(items)} images, {workers} decode processes, batch "
+        f"{settings.batch.batch_size}, model threads in (a) "
+        f"{_torch_threads(settings, workers)}, in (b, c) {default_threads}"
+    )
+    for key, text in (
+        ("a", "(a) cxr-batch, warm pool"),
+        ("a_cold", "    cxr-batch, cold start"),
+        ("b", "(b) per-image loop (Inference.py style)"),
+        ("c", "(c) forward only, batched"),
+        ("d", "(d) decode + preprocess only"),
+        ("e", "    e = 1/(1/c + 1/d)"),
+    ):
+        print(f"  {text:<42} {figures[key]:8.2f} images/s")
+    print(f"  a/b = {a / b:5.2f}   a/e = {a / e:5.2f}   (cold a/b = {a_cold / b:5.2f})")
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--images", type=int, default=48, help="images per input kind")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--decode-max-side", type=int, default=None)
+    parser.add_argument("--torch-threads", type=int, default=0)
+    args = parser.parse_args()
+
+    nih = sorted((_data_dir() / "images" / "nih").glob("*.png"))
+    if len(nih) < 8:
+        print(f"shared NIH images not found under {_data_dir()} (set CXR_DATA_DIR)")
+        return 1
+    batch: dict[str, object] = {
+        "decode_workers": args.workers,
+        "batch_size": args.batch_size,
+        "torch_threads": args.torch_threads,
+    }
+    if args.decode_max_side is not None:
+        batch["decode_max_side"] = args.decode_max_side
+    settings = load_settings(None, batch=batch)
+    torch.manual_seed(0)
+    card = ModelCard(
+        name=f"bench-{args.arch}",
+        version="0",
+        architecture=args.arch,
+        device_uid="2.25.1",
+    )
+    predictor = Predictor(
+        build_model(args.arch, weights=None),
+        card,
+        device="cpu",
+        batch_size=args.batch_size,
+    )
+    print(
+        f"cxr-batch benchmark: {args.arch}, {os.cpu_count()} CPU cores, torch "
+        f"{torch.__version__}, decode_max_side {settings.batch.decode_max_side}"
+    )
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-batch-") as tmp:
+        root = Path(tmp)
+        dicom = root / "dicom"
+        dicom.mkdir()
+        make_dicom_mix(dicom, args.images)
+        png = root / "png"
+        png.mkdir()
+        for path in nih[: args.images]:
+            (png / path.name).symlink_to(path)
+        run_input("DICOM mix", dicom, predictor, settings, root / "out", picture=False)
+        run_input("NIH PNG 1024 px", png, predictor, settings, root / "out", picture=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

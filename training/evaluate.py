@@ -275,13 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CxrError, DatasetError, ValueError) as exc:
         console.print(f"[bold red]cxr-eval: {exc}")
         return 2
-    from training.train import SOURCE_CAVEAT
+    from training.train import SOURCE_CAVEAT, write_card_json
 
     files = write_report(report, samples, scores, args.out, caveat=SOURCE_CAVEAT)
     if args.update_card:
         new_card = replace(card, metrics={**card.metrics, **report.card_metrics()})
         # channels_last=False above: the weights are saved exactly as loaded.
         save_checkpoint(checkpoint, predictor.model.cpu(), new_card)
+        write_card_json(new_card, checkpoint)
     console.print(f"AUC {report.auc:.3f} ({report.auc_ci[0]:.3f}-{report.auc_ci[1]:.3f}); "
                   f"at threshold {card.threshold:.4f}: sensitivity "
                   f"{_pct(report.at_threshold.sensitivity, report.at_threshold.sensitivity_ci)},"

@@ -370,6 +370,13 @@ def split_summary(samples: Sequence[Sample]) -> str:
     return ("; ".join(parts) + f"; patient-disjoint; sources: {', '.join(sources)}")
 
 
+def write_card_json(card: ModelCard, checkpoint: Path) -> Path:
+    """Write the card beside its checkpoint as ``<name>.card.json`` (for people and tools)."""
+    path = checkpoint.with_suffix(".card.json")
+    path.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="cxr-train", description=__doc__.split("\n\n")[0])
@@ -446,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
               "history": result.history, "split": str(args.split)}
     args.out.with_suffix(".train.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_card_json(result.card, args.out)
     console.print(f"checkpoint {args.out}: best epoch {result.best_epoch}, "
                   f"threshold {result.card.threshold:.4f}, device UID {result.card.device_uid}, "
                   f"{result.seconds:.0f} s")

@@ -85,8 +85,7 @@ def test_feature_cache_training_equals_the_naive_loop(tiny_split: Path,
     for h1, h2 in zip(naive.history, cached.history, strict=True):
         assert h1["train_loss"] == pytest.approx(h2["train_loss"], rel=1e-4)
         assert h1["val_loss"] == pytest.approx(h2["val_loss"], rel=1e-4)
-    assert naive.card.device_uid == cached.card.device_uid or np.isclose(
-        naive.card.threshold, cached.card.threshold, atol=1e-5)
+    assert naive.card.threshold == pytest.approx(cached.card.threshold, abs=1e-5)
 
 
 def test_train_and_eval_end_to_end(tiny_split: Path, shared_data_dir: Path,
@@ -117,7 +116,8 @@ def test_train_and_eval_end_to_end(tiny_split: Path, shared_data_dir: Path,
 
     out = tmp_path / "report"
     assert eval_main(["--checkpoint", str(ckpt), "--split", str(tiny_split), "--data-dir",
-                      str(shared_data_dir), "--out", str(out), "--bootstrap", "200"]) == 0
+                      str(shared_data_dir), "--out", str(out), "--bootstrap", "200",
+                      "--update-card"]) == 0
     for name in ("scores.csv", "table.csv", "per_source.csv", "evaluation.md",
                  "evaluation.json", "roc.png", "pr.png", "histogram.png", "confusion.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -133,6 +133,12 @@ def test_train_and_eval_end_to_end(tiny_split: Path, shared_data_dir: Path,
     assert "| 0.1 |" in (out / "evaluation.md").read_text()
     sources = {row["source"] for row in report["per_source"]}
     assert sources == {s.source for s in test}
+    # --update-card: test figures in the card, weights (and Device UID) unchanged.
+    model2, card2 = load_checkpoint(ckpt)
+    assert card2.metrics["test_auc"] == pytest.approx(report["auc"])
+    assert card2.device_uid == card.device_uid == weights_device_uid(model2)
+    on_disk = json.loads(ckpt.with_suffix(".card.json").read_text())
+    assert on_disk["metrics"]["test_auc"] == pytest.approx(report["auc"])
 
 
 def test_evaluate_scores_per_source() -> None:

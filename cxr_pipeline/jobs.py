@@ -129,12 +129,18 @@ def _save(ds: Dataset, handle: BinaryIO) -> None:
     ds.save_as(handle, enforce_file_format=True)
 
 
+OUTBOX_COMPLETE = ".complete"
+"""Marker written after every result of a job is in its outbox: a crash half-way through
+writing leaves no marker, and the job is analysed again instead of sending half a set."""
+
+
 def _write_outbox(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
     paths = []
     for ds in datasets:
         path = folder / f"{ds.SOPInstanceUID}{SUFFIX}"
         write_durably(path, functools.partial(_save, ds))
         paths.append(path)
+    write_durably(folder / OUTBOX_COMPLETE, lambda handle: handle.write(b""))
     return paths
 
 
@@ -144,7 +150,11 @@ def _results(
     """Build (or reload from the outbox) the result objects of one instance."""
     uid = record.sop_instance_uid
     waiting = spool.outbox_files(uid)
-    if waiting:
+    complete = (spool.outbox / uid / OUTBOX_COMPLETE).is_file()
+    if waiting and not complete:
+        log.warning("%s: incomplete results in the outbox, analysing again", uid)
+        spool.clear_outbox(uid)
+    elif waiting:
         log.info("%s: %d result files already in the outbox, sending them", uid, len(waiting))
         return [pydicom.dcmread(p) for p in waiting]
     with lock if lock is not None else contextlib.nullcontext():

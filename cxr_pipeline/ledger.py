@@ -135,9 +135,10 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._timeout_s = timeout_s
+        # One connection per thread, held only by thread-local storage: when a thread
+        # ends (pynetdicom runs each association in its own thread) its connection is
+        # dropped and closed, so connections do not pile up.
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
         # executescript manages its own transaction; the statements are idempotent.
         self._connection().executescript(_SCHEMA)
 
@@ -155,8 +156,6 @@ class Ledger:
             # lose the last transactions, which the spool files let us rebuild.
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
         return conn
 
     @contextmanager
@@ -176,8 +175,6 @@ class Ledger:
         if conn is not None:
             conn.close()
             self._local.conn = None
-            with self._lock:
-                self._all = [c for c in self._all if c is not conn]
 
     # -- writes ------------------------------------------------------------------------
 

@@ -160,6 +160,7 @@ def test_embedded_listener_end_to_end(
             assert _report(listener)["counts"]["done"] == len(chest_sources)
             assert len(pacs.instances()) == before
 
+        assert listener.process.returncode == 0, listener.log_tail()  # clean SIGTERM exit
         # Nothing patient-identifying in the listener's log.
         log_text = listener.log_path.read_text()
         for source in sources.values():
@@ -195,3 +196,4 @@ def test_restarted_listener_requeues_unfinished_work(tmp_path: Path, tiny_checkp
             assert record is not None and record.state is JobState.DONE
             assert set(_results_in_study(pacs, source)) == {"sr", "sc"}
             assert "queued 1 unfinished jobs again" in listener.log_tail(400)
+        assert listener.process.returncode == 0, listener.log_tail()

@@ -243,3 +243,23 @@ def test_closing_the_pool_during_send_backoff_leaves_the_job_queued(
     assert record.reason is not None and record.reason.startswith("interrupted")
     assert len(service.spool.outbox_files(uid)) == 2
     assert [r.sop_instance_uid for r in service.ledger.unfinished()] == [uid]
+
+
+def test_incomplete_outbox_is_not_sent(
+    base_engine: Engine, service: Service, tmp_path: Path
+) -> None:
+    """Half a result set left by a crash is discarded and the image analysed again."""
+    uid = service.receive("RG1_UNCR.dcm")
+    stale = service.spool.outbox_dir(uid) / "2.25.1234.dcm"
+    stale.write_bytes(data_file("CT_small.dcm").read_bytes())  # a real file, wrong object
+    with recording_scp() as scp:
+        engine = _engine(
+            base_engine,
+            tmp_path,
+            destinations=[{"ae_title": "X", "host": "127.0.0.1", "port": scp.port}],
+        )
+        assert process_job(uid, engine, service.ledger, service.spool) is JobState.DONE
+    assert [str(d.SOPClassUID) for d in scp.received] == [
+        SopClass.COMPREHENSIVE_3D_SR,
+        SopClass.SECONDARY_CAPTURE,
+    ]

@@ -177,3 +177,22 @@ def test_cxr_status_reports_and_requeues(
         "received": 2, "queued": 0, "processing": 0, "done": 0, "skipped": 1, "failed": 0,
     }  # fmt: skip
     assert {r["sop_instance_uid"] for r in report["recent"]} == {_uid(i) for i in range(3)}
+
+
+def test_connections_of_finished_threads_are_released(tmp_path: Path) -> None:
+    import gc
+    import sqlite3
+
+    ledger = Ledger(tmp_path / "l.db")
+
+    def one_association(i: int) -> None:
+        _record(ledger, i)
+
+    for i in range(50):
+        t = threading.Thread(target=one_association, args=(i,))
+        t.start()
+        t.join()
+    gc.collect()
+    open_connections = [o for o in gc.get_objects() if isinstance(o, sqlite3.Connection)]
+    assert len(open_connections) < 10
+    assert ledger.counts()[JobState.RECEIVED] == 50

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
+import pydicom.errors
 from pydicom.dataset import Dataset
 
+from cxr_pipeline.codes import SopClass
 from cxr_pipeline.errors import CxrError, Reason, RejectedInput, SendError
 from cxr_pipeline.ledger import JobRecord, JobState, Ledger
 from cxr_pipeline.pipeline import Engine, analyse
@@ -129,9 +131,13 @@ def _save(ds: Dataset, handle: BinaryIO) -> None:
     ds.save_as(handle, enforce_file_format=True)
 
 
-OUTBOX_COMPLETE = ".complete"
-"""Marker written after every result of a job is in its outbox: a crash half-way through
-writing leaves no marker, and the job is analysed again instead of sending half a set."""
+RESULT_SOP_CLASSES: frozenset[str] = frozenset(
+    {SopClass.COMPREHENSIVE_3D_SR, SopClass.SECONDARY_CAPTURE}
+)
+"""What a complete result set holds (:attr:`Analysis.result_datasets`: the SR and the SC).
+Each file is written atomically, so a crash half-way through writing leaves a set without
+one of them: it is analysed again instead of sending half a set. Any writer of the outbox
+(this module, the Celery micro-batch task) is covered without extra bookkeeping."""
 
 
 def _write_outbox(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
@@ -140,8 +146,16 @@ def _write_outbox(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
         path = folder / f"{ds.SOPInstanceUID}{SUFFIX}"
         write_durably(path, functools.partial(_save, ds))
         paths.append(path)
-    write_durably(folder / OUTBOX_COMPLETE, lambda handle: handle.write(b""))
     return paths
+
+
+def _read_outbox(spool: Spool, uid: str) -> list[Dataset]:
+    """Read the results waiting in the outbox; an unreadable set counts as none."""
+    try:
+        return [pydicom.dcmread(p) for p in spool.outbox_files(uid)]
+    except (OSError, pydicom.errors.InvalidDicomError, ValueError) as exc:
+        log.warning("%s: unreadable result in the outbox (%s)", uid, type(exc).__name__)
+        return [Dataset()]  # incomplete: the caller clears the outbox and analyses again
 
 
 def _results(
@@ -149,14 +163,13 @@ def _results(
 ) -> list[Dataset]:
     """Build (or reload from the outbox) the result objects of one instance."""
     uid = record.sop_instance_uid
-    waiting = spool.outbox_files(uid)
-    complete = (spool.outbox / uid / OUTBOX_COMPLETE).is_file()
-    if waiting and not complete:
+    waiting = _read_outbox(spool, uid)
+    if waiting and {str(ds.get("SOPClassUID", "")) for ds in waiting} >= RESULT_SOP_CLASSES:
+        log.info("%s: %d result files already in the outbox, sending them", uid, len(waiting))
+        return waiting
+    if waiting:
         log.warning("%s: incomplete results in the outbox, analysing again", uid)
         spool.clear_outbox(uid)
-    elif waiting:
-        log.info("%s: %d result files already in the outbox, sending them", uid, len(waiting))
-        return [pydicom.dcmread(p) for p in waiting]
     with lock if lock is not None else contextlib.nullcontext():
         analysis = analyse(spool.path_for(uid), engine)
     log.info(

@@ -252,6 +252,7 @@ def test_incomplete_outbox_is_not_sent(
     uid = service.receive("RG1_UNCR.dcm")
     stale = service.spool.outbox_dir(uid) / "2.25.1234.dcm"
     stale.write_bytes(data_file("CT_small.dcm").read_bytes())  # a real file, wrong object
+    (stale.parent / "2.25.5678.dcm").write_bytes(b"torn write")  # unreadable
     with recording_scp() as scp:
         engine = _engine(
             base_engine,

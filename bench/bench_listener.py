@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.bench_listener            # 50 images, 2 rounds, 10 + 30 e2e
+    .venv/bin/python -m bench.bench_listener            # 50 images x 2 rounds; e2e 10 + 30
     .venv/bin/python -m bench.bench_listener --count 20 --rounds 1 --e2e-single 5 --e2e-burst 10
 
 1. Builds ``rounds x count`` distinct DICOM files (12-bit CR, Explicit VR LE) from real
@@ -16,7 +16,9 @@ Run from the repository root::
    Redis. Latency = from the start of the ``storescu`` call that sends an image to the
    moment its SR is stored in Orthanc (Orthanc ``/changes`` polled every 50 ms).
    ``single``: one image at a time (the next is sent after the previous SR arrived).
-   ``burst``: images sent back to back (queueing and micro-batching included).
+   ``burst``: images sent back to back (queueing and micro-batching included), run once
+   per ``--batch-sizes`` value (default 1 and 16) with a fresh worker, Orthanc and ledger,
+   and the throughput ratio of the last to the first printed.
 
 Everything runs on this machine; note how many cores it has and what else is running.
 """
@@ -208,17 +210,30 @@ def bench_receive(
 
 
 def bench_e2e(
-    args: argparse.Namespace, work: Path, files: list[Path], broker: str, checkpoint: Path
+    args: argparse.Namespace,
+    work: Path,
+    files: list[Path],
+    broker: str,
+    checkpoint: Path,
+    *,
+    batch_size: int,
+    n_single: int,
 ) -> dict[str, Any]:
     redis.Redis.from_url(broker).flushdb()
     listen_port = free_port()
     results: dict[str, Any] = {}
+    work = work / f"e2e-batch{batch_size}"
+    work.mkdir()
     with running_orthanc(work / "orthanc") as pacs:
         config = write_config(
             work / "e2e.toml",
             {"data_dir": work / "e2e-data", "log_level": "INFO"},
             {
-                "model": {"checkpoint": checkpoint, "device": args.device},
+                "model": {
+                    "checkpoint": checkpoint,
+                    "device": args.device,
+                    "batch_size": batch_size,
+                },
                 "explain": {"method": args.explain},
                 "listener": {"host": "127.0.0.1", "port": listen_port, "min_free_bytes": 0},
                 "worker": {"broker_url": broker},
@@ -233,7 +248,7 @@ def bench_e2e(
                 running_listener(config, listen_port, work / "e2e-listener.log", broker=broker),
                 running_worker(config, work / "e2e-worker.log"),
             ):
-                single = files[: args.e2e_single]
+                single = files[:n_single]
                 burst = files[args.e2e_single : args.e2e_single + args.e2e_burst]
                 if single:
                     storescu(listen_port, single[:1], "CXR_PIPELINE")  # warm-up, not counted
@@ -262,6 +277,30 @@ def bench_e2e(
     return results
 
 
+def report_e2e(e2e: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for mode in ("single", "burst"):
+        values = e2e.get(mode)
+        if values:
+            summary[mode] = {
+                "n": len(values),
+                "median_s": statistics.median(values),
+                "p95_s": percentile(values, 95),
+            }
+            print(
+                f"  {mode:6s}: n={len(values):3d}  send->SR in Orthanc median "
+                f"{summary[mode]['median_s']:.2f} s, p95 {summary[mode]['p95_s']:.2f} s"
+            )
+    if "burst_throughput_img_s" in e2e:
+        summary["burst_throughput_img_s"] = e2e["burst_throughput_img_s"]
+        summary["micro_batches"] = e2e["micro_batches"]
+        print(
+            f"  burst throughput {e2e['burst_throughput_img_s']:.2f} img/s, "
+            f"{e2e['micro_batches']} micro-batches formed by the worker"
+        )
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=50, help="images per receive round")
@@ -270,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-burst", type=int, default=30, help="images sent back to back")
     parser.add_argument("--checkpoint", type=Path, help="default: packaged model, else tiny")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--batch-sizes",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 16],
+        help="model.batch_size values compared on the burst (comma-separated)",
+    )
     parser.add_argument("--explain", default="gradcam", choices=["gradcam", "occlusion", "none"])
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
@@ -301,32 +346,28 @@ def main(argv: list[str] | None = None) -> int:
                 f"({recv['queued']} UIDs queued in Redis)"
             )
             checkpoint = pick_checkpoint(args.checkpoint, work)
-            print(
-                f"\n== end to end: storescu -> cxr-listen -> Redis -> cxr-worker (1 process, "
-                f"{args.device}, explain={args.explain}, checkpoint {checkpoint.name}) -> Orthanc"
-            )
-            e2e = bench_e2e(args, work, files, server.url, checkpoint)
+            runs: dict[int, dict[str, Any]] = {}
+            for i, size in enumerate(args.batch_sizes):
+                print(
+                    f"\n== end to end: storescu -> cxr-listen -> Redis -> cxr-worker (1 process, "
+                    f"{args.device}, explain={args.explain}, model.batch_size={size}, "
+                    f"checkpoint {checkpoint.name}) -> Orthanc"
+                )
+                n_single = args.e2e_single if i == 0 else 0
+                e2e = bench_e2e(
+                    args, work, files, server.url, checkpoint, batch_size=size, n_single=n_single
+                )
+                runs[size] = report_e2e(e2e)
         finally:
             server.stop()
-    figures: dict[str, Any] = {"receive": recv, "e2e": {}}
-    for mode in ("single", "burst"):
-        values = e2e.get(mode)
-        if values:
-            summary = {
-                "n": len(values),
-                "median_s": statistics.median(values),
-                "p95_s": percentile(values, 95),
-            }
-            figures["e2e"][mode] = summary
-            print(
-                f"  {mode:6s}: n={summary['n']:3d}  send->SR in Orthanc median "
-                f"{summary['median_s']:.2f} s, p95 {summary['p95_s']:.2f} s"
-            )
-    if "burst_throughput_img_s" in e2e:
-        figures["e2e"]["burst_throughput_img_s"] = e2e["burst_throughput_img_s"]
+    figures: dict[str, Any] = {"receive": recv, "e2e": runs}
+    if len(runs) > 1:
+        first, last = args.batch_sizes[0], args.batch_sizes[-1]
+        ratio = runs[last]["burst_throughput_img_s"] / runs[first]["burst_throughput_img_s"]
+        figures["burst_throughput_ratio"] = ratio
         print(
-            f"  burst throughput {e2e['burst_throughput_img_s']:.2f} img/s, "
-            f"{e2e['micro_batches']} micro-batches formed by the worker"
+            f"\nburst throughput ratio batch_size {last} / batch_size {first} = {ratio:.2f} "
+            "(same run, same machine)"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -352,3 +352,73 @@ def test_micro_batch_gives_the_single_image_results(
         read = read_structured_report(sr)
         assert read.source_sop_instance_uid == uid
         assert read.probability == pytest.approx(single.finding.probability, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_worker_process_killed_mid_job_is_redelivered_and_finished(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+) -> None:
+    """SIGKILL the prefork child while it analyses: the task returns to the queue
+    (acks_late + reject_on_worker_lost), a new child finishes it, results arrive once."""
+    if not orthanc_available():
+        pytest.skip("Orthanc binary not installed (Debian package 'orthanc')")
+    if shutil.which("storescu") is None or shutil.which("pgrep") is None:
+        pytest.skip("DCMTK storescu or pgrep not installed")
+    source = dicom_testdata("RG1_UNCR.dcm")
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    uid = str(header.SOPInstanceUID)
+    listen_port = free_port()
+    data_dir = tmp_path / "data"
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        config = write_config(
+            tmp_path / "cxr.toml",
+            {"data_dir": data_dir, "log_level": "INFO"},
+            {
+                "model": {"checkpoint": tiny_checkpoint, "device": "cpu"},
+                # Occlusion: many forward passes, a wide window to kill the job in.
+                "explain": {"method": "occlusion", "occlusion_stride": 8},
+                "listener": {"host": "127.0.0.1", "port": listen_port, "min_free_bytes": 0},
+                "worker": {"broker_url": redis_server.url},
+                "send.destinations": [
+                    {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}
+                ],
+            },
+        )
+        with (
+            running_listener(
+                config, listen_port, tmp_path / "listener.log", broker=redis_server.url
+            ),
+            running_worker(config, tmp_path / "worker.log") as worker,
+        ):
+            sent = subprocess.run(
+                ["storescu", "-aec", "CXR_PIPELINE", "127.0.0.1", str(listen_port), str(source)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert sent.returncode == 0, sent.stderr
+            ledger = Ledger(data_dir / "ledger.sqlite3")
+            deadline = time.monotonic() + 120
+            record = ledger.get(uid)
+            while (record is None or record.state != JobState.PROCESSING) and (
+                time.monotonic() < deadline
+            ):
+                time.sleep(0.05)
+                record = ledger.get(uid)
+            assert record is not None and record.state == JobState.PROCESSING, worker.log_tail()
+            children = subprocess.run(
+                ["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True
+            ).stdout.split()
+            assert len(children) == 1, children
+            subprocess.run(["kill", "-KILL", children[0]], check=True)
+
+            states = _wait_ledger(ledger, [uid], timeout_s=300)
+            assert states == {uid: JobState.DONE}, worker.log_tail()
+            record = ledger.get(uid)
+            assert record is not None and record.attempts == 2
+            assert "WorkerLostError" in worker.log_text()
+        found = pacs.wait_for_instances(str(header.StudyInstanceUID), 2, timeout_s=60)
+        assert len(found) == 2  # SR + SC, stored once

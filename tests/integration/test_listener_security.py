@@ -23,15 +23,17 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from cxr_pipeline.codes import DimseStatus
 from cxr_pipeline.errors import ConfigError
-from cxr_pipeline.ledger import JobState
+from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.pipeline import Engine
 from cxr_pipeline.settings import Settings, TlsSettings, load_settings
+from cxr_pipeline.spool import Spool
 from listeners.storescp import Service, start_service
 from listeners.tls import client_context, server_context
 from tests.conftest import REPO_ROOT
 from tests.conftest import testdata as data_file
 from tests.support.dicom_network import dcmtk_available, echoscu
 from workers.local import LocalWorkerPool
+from workers.queue import ledger_path, spool_root
 
 pytestmark = [pytest.mark.integration]
 
@@ -61,10 +63,6 @@ def listening(engine: Engine, data_dir: Path, **listener: Any) -> Iterator[Servi
 
 
 def _pool(settings: Settings, engine: Engine, data_dir: Path) -> LocalWorkerPool:
-    from cxr_pipeline.ledger import Ledger
-    from cxr_pipeline.spool import Spool
-    from workers.queue import ledger_path, spool_root
-
     return LocalWorkerPool(
         settings, Ledger(ledger_path(settings)), Spool(spool_root(settings)), engine=engine
     )

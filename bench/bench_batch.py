@@ -46,8 +46,8 @@ if str(REPO) not in sys.path:  # a script run from anywhere; the tests never do 
 from cxr_pipeline.batch.decode import DecodeJob, decode_file  # noqa: E402
 from cxr_pipeline.batch.runner import (  # noqa: E402
     BatchOptions,
-    _executor,
-    _torch_threads,
+    decode_pool,
+    model_threads,
     run_batch,
 )
 from cxr_pipeline.batch.walker import InputFile, walk  # noqa: E402
@@ -155,7 +155,7 @@ def bench_decode(
     jobs: list[DecodeJob], settings: Settings, workers: int
 ) -> tuple[float, torch.Tensor]:
     """(d): decode + preprocess alone in ``workers`` warm processes; returns the tensors."""
-    executor: ProcessPoolExecutor = _executor(settings, workers)
+    executor: ProcessPoolExecutor = decode_pool(settings, workers)
     try:
         list(executor.map(decode_file, jobs[: workers * 2]))  # warm the processes
         start = time.perf_counter()
@@ -189,7 +189,7 @@ def run_input(
     print(
         f"\n{label}: {len(items)} images, {workers} decode processes, batch "
         f"{settings.batch.batch_size}, model threads in (a) "
-        f"{_torch_threads(settings, workers)}, in (b, c) {default_threads}"
+        f"{model_threads(settings, workers)}, in (b, c) {default_threads}"
     )
     for key, text in (
         ("a", "(a) cxr-batch, warm pool"),

@@ -227,7 +227,7 @@ class BatchSettings(_Section):
     heatmaps use ``output.sc_max_size`` instead."""
     torch_threads: int = 0
     """Intra-op threads of the model in the main process; 0 = CPU cores minus decoders
-    (at least 1)."""
+    (at least 1) while decoding goes on, every core once the decoders are idle."""
     max_in_flight: int = 0
     """Decode jobs queued ahead of the model; 0 = 2 x batch_size + decode workers."""
     start_method: Literal["forkserver", "spawn"] = "forkserver"

@@ -83,13 +83,20 @@ def decode_workers(settings: Settings) -> int:
     return settings.batch.decode_workers or os.cpu_count() or 1
 
 
-def _torch_threads(settings: Settings, workers: int) -> int:
+def model_threads(settings: Settings, workers: int, *, decoding: bool = True) -> int:
+    """Return the model's intra-op threads.
+
+    The setting when given; otherwise the cores the decode processes leave free while
+    they are decoding (at least one), and every core once they are idle (end of a run).
+    """
     if settings.batch.torch_threads > 0:
         return settings.batch.torch_threads
-    return max(1, (os.cpu_count() or 1) - workers)
+    cores = os.cpu_count() or 1
+    return max(1, cores - workers) if decoding else cores
 
 
-def _executor(settings: Settings, workers: int) -> ProcessPoolExecutor:
+def decode_pool(settings: Settings, workers: int) -> ProcessPoolExecutor:
+    """Start the decode processes (forkserver or spawn), each set up for decoding."""
     context = multiprocessing.get_context(settings.batch.start_method)
     if settings.batch.start_method == "forkserver":
         # Import torch, MONAI and the decoders once in the fork server; each decode
@@ -293,7 +300,7 @@ def run_batch(
             on_start(len(todo), summary.already_done)
         if todo:
             threads = torch.get_num_threads()
-            executor = _executor(settings, decode_workers(settings))
+            executor = decode_pool(settings, decode_workers(settings))
             try:
                 predictor = predictor or Predictor.from_settings(settings.model)
                 run = _Run(settings, options, report, predictor, summary, on_row)
@@ -330,7 +337,6 @@ def _process(run: _Run, todo: list[InputFile], executor: ProcessPoolExecutor) ->
             keep_header=options.write_sr,
         )
 
-    torch.set_num_threads(_torch_threads(settings, workers))
     queue = list(reversed(todo))  # pop() from the end keeps walk order
     attempts: dict[InputFile, int] = {}
     ready: list[Decoded] = []
@@ -364,7 +370,7 @@ def _process(run: _Run, todo: list[InputFile], executor: ProcessPoolExecutor) ->
                     broken.extend(pending.values())
                     pending.clear()
                     executor.shutdown(wait=True, cancel_futures=True)
-                    executor = _executor(settings, workers)
+                    executor = decode_pool(settings, workers)
                     for item in broken:
                         attempts[item] = attempts.get(item, 0) + 1
                         if attempts[item] >= MAX_DECODE_ATTEMPTS:
@@ -372,6 +378,8 @@ def _process(run: _Run, todo: list[InputFile], executor: ProcessPoolExecutor) ->
                         else:
                             queue.append(item)
             if len(ready) >= batch_size or (ready and not pending and not queue):
+                decoding = bool(pending or queue)
+                torch.set_num_threads(model_threads(settings, workers, decoding=decoding))
                 run.classify(ready[:batch_size])
                 del ready[:batch_size]
     finally:

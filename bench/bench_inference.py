@@ -20,6 +20,7 @@ ratios measured in the same run.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -77,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--archs", nargs="+", default=list(ARCHITECTURES))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--heatmap-archs", nargs="+", default=["squeezenet1_1", "resnet18"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--heatmap-archs", nargs="*", default=["squeezenet1_1", "resnet18"])
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # MONAI's deprecation chatter
 
     torch.manual_seed(0)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
@@ -102,19 +106,28 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(arch, weights=None)
         for batch_size in args.batch_sizes:
             batch = torch.randn(batch_size, 3, 224, 224)
-            per_image = {}
-            for channels_last in (True, False):
-                predictor = Predictor(
-                    model,
+            # Two predictors on two copies of the weights, timed alternately so that load
+            # from other processes affects both memory formats alike.
+            predictors = {
+                layout: Predictor(
+                    copy.deepcopy(model),
                     _card(arch),
                     device=str(device),
-                    channels_last=channels_last,
+                    channels_last=layout,
                     batch_size=batch_size,
                 )
-                seconds = _median_s(
-                    lambda p=predictor, b=batch: p.predict_tensors(b), args.repeats, sync
-                )
-                per_image[channels_last] = 1000.0 * seconds / batch_size
+                for layout in (True, False)
+            }
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for predictor in predictors.values():
+                predictor.predict_tensors(batch)  # warm-up
+            for _ in range(args.repeats):
+                for layout, predictor in predictors.items():
+                    start = time.perf_counter()
+                    predictor.predict_tensors(batch)
+                    sync()
+                    times[layout].append(time.perf_counter() - start)
+            per_image = {k: 1000.0 * statistics.median(v) / batch_size for k, v in times.items()}
             print(
                 f"{arch:<14} {batch_size:>5} {per_image[True]:>14.1f} {per_image[False]:>10.1f} "
                 f"{per_image[False] / per_image[True]:>8.2f}"

@@ -31,8 +31,8 @@ from monai.transforms.utility.array import EnsureChannelFirst, EnsureType, Repea
 from cxr_pipeline.errors import UnsupportedPixelData
 from cxr_pipeline.model_card import PreprocessingSpec
 
-TRAIN_MIN_AREA_SCALE = 0.5
-"""Smallest side fraction of the random crop in training (RandomResizedCrop-like)."""
+TRAIN_MIN_CROP_SIDE = 0.5
+"""Smallest random-crop side in training, as a fraction of the image side (area >= 25%)."""
 TRAIN_ROTATION_DEG = 10.0
 """Largest random rotation in training, degrees (the paper's "small rotations")."""
 
@@ -151,17 +151,6 @@ class _Checked:
         return out
 
 
-class _PadTo(Transform):
-    """Symmetric zero padding up to ``size`` (no-op for images at least that big)."""
-
-    def __init__(self, size: int) -> None:
-        self.pad = SpatialPad(spatial_size=(size, size), method="symmetric", mode="constant")
-
-    def __call__(self, img: Any) -> Any:
-        """Pad ``img`` of shape ``(C, rows, cols)``."""
-        return self.pad(img)
-
-
 def build_transform(
     spec: PreprocessingSpec, *, train: bool = False
 ) -> Callable[[np.ndarray], torch.Tensor]:
@@ -193,7 +182,7 @@ def build_transform(
     ]
     if train:
         geometry: list[Any] = [
-            RandScaleCrop(roi_scale=TRAIN_MIN_AREA_SCALE, max_roi_scale=1.0, random_size=True),
+            RandScaleCrop(roi_scale=TRAIN_MIN_CROP_SIDE, max_roi_scale=1.0, random_size=True),
             Resize(spatial_size=(spec.crop, spec.crop), mode="bilinear"),
             RandFlip(prob=0.5, spatial_axis=1),
             RandRotate(
@@ -207,7 +196,7 @@ def build_transform(
         geometry = [CenterSpatialCrop(roi_size=(spec.crop, spec.crop))]
     tail: list[Any] = [
         # A centre crop larger than a small image leaves it smaller: pad to the crop size.
-        _PadTo(spec.crop),
+        SpatialPad(spatial_size=(spec.crop, spec.crop), method="symmetric", mode="constant"),
         RepeatChannel(repeats=3),
         _normalise(spec),
         EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),

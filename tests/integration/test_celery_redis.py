@@ -379,7 +379,7 @@ def test_worker_process_killed_mid_job_is_redelivered_and_finished(
             {
                 "model": {"checkpoint": tiny_checkpoint, "device": "cpu"},
                 # Occlusion: many forward passes, a wide window to kill the job in.
-                "explain": {"method": "occlusion", "occlusion_stride": 8},
+                "explain": {"method": "occlusion"},
                 "listener": {"host": "127.0.0.1", "port": listen_port, "min_free_bytes": 0},
                 "worker": {"broker_url": redis_server.url},
                 "send.destinations": [

@@ -118,6 +118,8 @@ def summary_table(summary: Summary) -> Table:
     table.add_row("already done (resumed)", str(summary.already_done))
     table.add_row("images/s", f"{summary.images_per_s:.2f}")
     table.add_row("wall time", f"{summary.wall_s:.1f} s")
+    if summary.decoder_restarts:
+        table.add_row("decoder restarts", str(summary.decoder_restarts))
     if summary.interrupted:
         table.add_row("interrupted", "yes: run again to resume")
     return table

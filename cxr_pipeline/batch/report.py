@@ -280,6 +280,8 @@ class Summary:
         Seconds from the first decode submitted to the last row written.
     interrupted
         The run was stopped (Ctrl-C) before every file had a row.
+    decoder_restarts
+        Times the decode processes were restarted after one of them died.
     """
 
     counts: Counter[str] = field(default_factory=Counter)
@@ -288,6 +290,7 @@ class Summary:
     wall_s: float = 0.0
     process_s: float = 0.0
     interrupted: bool = False
+    decoder_restarts: int = 0
     rows: list[Row] = field(default_factory=list)
 
     def add(self, row: Row) -> None:

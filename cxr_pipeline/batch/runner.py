@@ -371,6 +371,7 @@ def _process(run: _Run, todo: list[InputFile], executor: ProcessPoolExecutor) ->
                     pending.clear()
                     executor.shutdown(wait=True, cancel_futures=True)
                     executor = decode_pool(settings, workers)
+                    run.summary.decoder_restarts += 1
                     for item in broken:
                         attempts[item] = attempts.get(item, 0) + 1
                         if attempts[item] >= MAX_DECODE_ATTEMPTS:

@@ -333,3 +333,34 @@ def test_heatmaps_without_sc_are_saved_as_png_at_image_size(
             source = Path(row.path)
             expected = (1024, 1024) if source.suffix == ".png" else (256, 256)
             assert image.size == expected
+
+
+def test_a_killed_decode_process_costs_no_row(
+    mixed_tree: tuple[Path, dict[str, tuple[str, str]]],
+    batch_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    # A native decoder that crashes its process breaks the pool; the runner starts a new
+    # one and retries what was in flight, so every file still gets exactly one row.
+    import multiprocessing
+    import signal
+
+    root, expected = mixed_tree
+    settings = batch_settings.model_copy(
+        update={"batch": batch_settings.batch.model_copy(update={"batch_size": 2})}
+    )
+    killed: list[int] = []
+
+    def kill_a_decoder(row: Row) -> None:
+        if not killed:
+            children = multiprocessing.active_children()
+            assert children, "no decode process to kill"
+            os.kill(children[0].pid or 0, signal.SIGKILL)
+            killed.append(children[0].pid or 0)
+
+    summary = run_batch([root / "chest"], tmp_path / "out", settings, on_row=kill_a_decoder)
+    assert killed and summary.decoder_restarts >= 1
+    chest = {k: s for k, (s, _) in expected.items() if k.startswith("chest/")}
+    rows = read_rows(tmp_path / "out" / JSONL_NAME)
+    assert sorted(str(Path(r.path).relative_to(root)) for r in rows) == sorted(chest)
+    assert {r.status for r in summary.rows} == {"done"}

@@ -18,6 +18,7 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from cxr_pipeline.codes import BODY_PART_CHEST, SOURCE_IMAGE_FOR_PROCESSING
 from cxr_pipeline.encode._common import (
@@ -267,7 +268,7 @@ def build_secondary_capture(
             # highdicom requires an orientation for PATIENT images; where the source
             # has none, a placeholder is replaced by an empty (Type 2) value below.
             patient_orientation=orientation or ("L", "F"),
-            transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
             series_description=series_description("AI COVID-19 heatmap"),
             manufacturer_model_name=card.name,
             software_versions=card.version,

@@ -457,8 +457,11 @@ class Tally:
     def acknowledged(self) -> list[str]:
         return sorted(u for u, s in self.statuses.items() if s == DimseStatus.SUCCESS)
 
-    def evaluate(self, ledger: Ledger, pacs: Pacs) -> dict[str, Any]:
-        """Check the invariant against the ledger and the PACS; record and return the row."""
+    def evaluate(self, ledger: Ledger, pacs: Pacs, *, label: str | None = None) -> dict[str, Any]:
+        """Check the invariant against the ledger and the PACS; record and return the row.
+
+        ``label`` names an intermediate snapshot (default: the scenario's name).
+        """
         counts, stored = pacs.results_by_study()
         delivered, failed, lost, duplicates = [], [], [], []
         for uid in self.acknowledged:
@@ -482,7 +485,7 @@ class Tally:
             else:
                 lost.append(uid)
         result = {
-            "scenario": self.scenario,
+            "scenario": label or self.scenario,
             "sent": len(self.studies),
             "acknowledged": len(self.acknowledged),
             "delivered": len(delivered),

@@ -1,0 +1,172 @@
+"""Faults of the Celery deployment: a worker killed while it holds tasks, Redis down.
+
+Real ``redis-server`` on a free port, ``cxr-listen --broker`` and ``cxr-worker`` as
+subprocesses, a real Orthanc as the destination, a pynetdicom SCU as the modality.
+(A prefork *child* SIGKILLed mid-job is tested in
+``tests/integration/test_celery_redis.py``; here the whole worker dies and another
+worker must finish its tasks.)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cxr_pipeline.codes import DimseStatus
+from cxr_pipeline.ledger import JobState, Ledger
+from tests.reliability.harness import (
+    Pacs,
+    Tally,
+    assert_no_phi,
+    chest_datasets,
+    kill9,
+    send_datasets,
+    service_config,
+    spawn_listener,
+    spawn_worker,
+    stop,
+    wait_finished,
+)
+from tests.support.orthanc import free_port
+from tests.support.redis_server import RedisServer, start_redis
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+
+
+@pytest.fixture
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _states(ledger: Ledger, uids: list[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for uid in uids:
+        row = ledger.get(uid)
+        out[uid] = None if row is None else row.state.value
+    return out
+
+
+def test_worker_killed_while_holding_tasks_another_worker_finishes(
+    tmp_path: Path, pacs: Pacs, redis: RedisServer, pngs: list[Path], tiny_checkpoint: Path
+) -> None:
+    port = free_port()
+    data_dir = tmp_path / "data"
+    config = service_config(
+        tmp_path / "cxr.toml",
+        data_dir=data_dir,
+        checkpoint=tiny_checkpoint,
+        pacs=pacs,
+        listen_port=port,
+        broker=redis.url,
+        # Occlusion heatmaps: a job long enough to be killed in.
+        explain="occlusion",
+        # Unacknowledged messages of a dead worker come back after this many seconds.
+        worker={"visibility_timeout_s": 5, "micro_batch_wait_s": 0.2},
+    )
+    datasets = chest_datasets(pngs, 6)
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    tally = Tally("kill -9 Celery worker holding tasks")
+    tally.sent(datasets)
+    listener_log, log_a, log_b = (tmp_path / n for n in ("listener.log", "a.log", "b.log"))
+
+    listener = spawn_listener(config, port, listener_log, broker=redis.url)
+    worker_b = None
+    try:
+        tally.answered(send_datasets(port, datasets))
+        assert len(tally.acknowledged) == len(datasets)
+        ledger = Ledger(data_dir / "ledger.sqlite3")
+        worker_a = spawn_worker(config, log_a, hostname="a@%h")
+        deadline = time.monotonic() + 180
+        while JobState.PROCESSING.value not in _states(ledger, uids).values():
+            assert time.monotonic() < deadline, worker_a.log_tail()
+            time.sleep(0.05)
+        kill9(worker_a)  # no ack, no reject: its messages sit in Redis' unacked set
+        held = [u for u, s in _states(ledger, uids).items() if s != JobState.DONE.value]
+        assert held, "worker A finished everything before it was killed"
+
+        worker_b = spawn_worker(config, log_b, hostname="b@%h")
+        rows = wait_finished(ledger, uids, timeout_s=300)
+        assert all(r is not None and r.state is JobState.DONE for r in rows.values()), (
+            _states(ledger, uids),
+            worker_b.log_tail(),
+        )
+        # Worker B did the work A was killed in (at least once more than A could).
+        assert any(r is not None and r.attempts >= 2 for r in rows.values())
+        assert "done: 2 results sent" in worker_b.log_text()
+    finally:
+        if worker_b is not None:
+            stop(worker_b)
+        stop(listener)
+    row = tally.evaluate(ledger, pacs)
+    assert row["lost"] == 0 and row["duplicates"] == 0, row
+    assert row["delivered"] == len(datasets)
+    assert_no_phi(listener_log, log_a, log_b)
+
+
+def test_redis_down_listener_keeps_accepting_and_backlog_drains(
+    tmp_path: Path, pacs: Pacs, redis: RedisServer, pngs: list[Path], tiny_checkpoint: Path
+) -> None:
+    port = free_port()
+    data_dir = tmp_path / "data"
+    config = service_config(
+        tmp_path / "cxr.toml",
+        data_dir=data_dir,
+        checkpoint=tiny_checkpoint,
+        pacs=pacs,
+        listen_port=port,
+        broker=redis.url,
+        explain="gradcam",
+        worker={"visibility_timeout_s": 30},
+    )
+    datasets = chest_datasets(pngs, 8)
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    tally = Tally("Redis down while images arrive")
+    tally.sent(datasets)
+    listener_log, worker_log = tmp_path / "listener.log", tmp_path / "worker.log"
+
+    listener = spawn_listener(config, port, listener_log, broker=redis.url)
+    worker = None
+    try:
+        # A first image while Redis is up, so the listener holds a broker connection
+        # that the outage then breaks.
+        tally.answered(send_datasets(port, datasets[:1]))
+        redis.stop()
+        start = time.monotonic()
+        tally.answered(send_datasets(port, datasets[1:]))
+        accept_s = time.monotonic() - start
+        assert tally.acknowledged == sorted(uids), tally.statuses
+        assert set(tally.statuses.values()) == {DimseStatus.SUCCESS}
+        assert accept_s < 60, f"accepting {len(datasets) - 1} images took {accept_s:.1f} s"
+
+        ledger = Ledger(data_dir / "ledger.sqlite3")
+        spool = data_dir / "spool" / "incoming"
+        for uid in uids[1:]:
+            row = ledger.get(uid)
+            assert row is not None and row.state is JobState.RECEIVED, row
+            assert (spool / f"{uid}.dcm").is_file()
+        time.sleep(2)  # a few sweeps run against the dead broker: nothing is lost
+        assert all(s == JobState.RECEIVED.value for s in _states(ledger, uids[1:]).values())
+
+        redis.start()  # empty (no persistence): every message must be published again
+        worker = spawn_worker(config, worker_log)
+        rows = wait_finished(ledger, uids, timeout_s=300)
+        assert all(r is not None and r.state is JobState.DONE for r in rows.values()), (
+            _states(ledger, uids),
+            listener.log_tail(),
+            worker.log_tail(),
+        )
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(listener)
+    row = tally.evaluate(ledger, pacs)
+    assert row["lost"] == 0 and row["duplicates"] == 0, row
+    assert row["delivered"] == len(datasets)
+    assert_no_phi(listener_log, worker_log)

@@ -158,6 +158,9 @@ class DimseStatus:
     SUCCESS = 0x0000
     OUT_OF_RESOURCES = 0xA700
     """Refused: Out of Resources (spool below the free-space watermark)."""
+    DATASET_DOES_NOT_MATCH = 0xA900
+    """Error: Data Set does not match SOP Class (also used when the data set's SOP Class or
+    Instance UID differs from the C-STORE command's Affected SOP Class/Instance UID)."""
     CANNOT_UNDERSTAND = 0xC210
     """Error: Cannot understand (the 0xCxxx class): an unexpected failure while storing."""
     WARNING_COERCION = 0xB000

@@ -87,6 +87,18 @@ class StoreHandler:
             return DimseStatus.OUT_OF_RESOURCES
         # Parse the header first: a data set pydicom cannot read is refused, not spooled.
         ds: Dataset = event.dataset
+        mismatch = _command_mismatch(event, ds, uid)
+        if mismatch is not None:
+            log.error("C-STORE of %s refused: data set %s differs from the command", uid, mismatch)
+            return DimseStatus.DATASET_DOES_NOT_MATCH
+        # Decide before anything is written: an unexpected error while reading the header
+        # is then refused (0xC210) with nothing spooled or recorded, instead of leaving a
+        # RECEIVED row behind a failure status (which a re-enqueue sweep would pick up).
+        rejection: RejectedInput | None = None
+        try:
+            check_chest_radiograph(ds, self.settings.ingest)
+        except RejectedInput as exc:
+            rejection = exc
         # The object exactly as received (file meta + data set in the accepted transfer
         # syntax), on disk and fsynced before we answer Success.
         encoded = event.encoded_dataset(include_meta=True)
@@ -103,11 +115,9 @@ class StoreHandler:
             uid, study_uid=study_uid, calling_ae=calling_ae, spool_path=path
         ):
             return self._known(uid)
-        try:
-            check_chest_radiograph(ds, self.settings.ingest)
-        except RejectedInput as exc:
-            self.ledger.mark(uid, JobState.SKIPPED, reason=str(exc))
-            log.info("%s from %s skipped: %s", uid, calling_ae, exc.reason.value)
+        if rejection is not None:
+            self.ledger.mark(uid, JobState.SKIPPED, reason=str(rejection))
+            log.info("%s from %s skipped: %s", uid, calling_ae, rejection.reason.value)
             if not self.settings.listener.keep_received_files:
                 self.spool.remove(uid)
             return DimseStatus.SUCCESS
@@ -130,6 +140,25 @@ class StoreHandler:
             ):
                 self.spool.remove(uid)
         return DimseStatus.SUCCESS
+
+
+def _command_mismatch(event: Event, ds: Dataset, uid: str) -> str | None:
+    """Name the UID in which the data set contradicts the C-STORE command, if any.
+
+    The ledger, the spool file name and the result UIDs are keyed by the command's
+    Affected SOP Instance UID while the results are built from the data set: a data set
+    that names another instance (or class) would be processed under the wrong key, and
+    two C-STOREs of it could yield two different results for one UID. A missing UID is
+    left to the header check, which records it as a missing attribute.
+    """
+    instance = str(ds.get("SOPInstanceUID", "") or "").rstrip("\x00 ")
+    if instance and instance != uid:
+        return "SOP Instance UID"
+    command_class = str(getattr(event.request, "AffectedSOPClassUID", "") or "").rstrip("\x00 ")
+    sop_class = str(ds.get("SOPClassUID", "") or "").rstrip("\x00 ")
+    if sop_class and command_class and sop_class != command_class:
+        return "SOP Class UID"
+    return None
 
 
 def handle_echo(event: Event) -> int:

@@ -381,7 +381,10 @@ def send_raw(
     req.MessageID = 1
     req.Priority = 2
     req.AffectedSOPClassUID = sop_class
-    req.AffectedSOPInstanceUID = sop_instance
+    try:
+        req.AffectedSOPInstanceUID = sop_instance
+    except ValueError:  # pynetdicom refuses to build some invalid UIDs: put it there anyway
+        req._affected_sop_instance_uid = UID(sop_instance)
     req.DataSet = io.BytesIO(payload)
     assoc._reactor_checkpoint.clear()
     while not assoc._is_paused:

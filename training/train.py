@@ -102,6 +102,11 @@ class TrainConfig:
     """torch CPU threads (0: torch's default)."""
     name: str = ""
     version: str = "0.1.0"
+    head_bias: float | None = None
+    """Initial bias of the last layer (None: torchvision's). SqueezeNet from scratch ends
+    in conv -> ReLU -> pool: a positive bias (e.g. 1.0) starts that ReLU in its linear
+    range; with the zero default it often dies in the first epochs and the loss stays
+    at ln 2 (observed here)."""
 
 
 @dataclass
@@ -243,6 +248,10 @@ def run_training(
     spec = replace(PreprocessingSpec(), resize=cfg.resize, crop=cfg.crop)
     model = build_model(cfg.architecture, weights=cfg.weights).to(device)
     backbone, head = split_backbone_head(model, cfg.architecture)
+    if cfg.head_bias is not None:
+        last = [m for m in head.modules() if isinstance(m, nn.Linear | nn.Conv2d)][-1]
+        if last.bias is not None:
+            nn.init.constant_(last.bias, cfg.head_bias)
     if cfg.freeze_backbone:
         freeze(backbone)
     params = trainable_parameters(model)
@@ -409,6 +418,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--name", default=d.name)
     p.add_argument("--version", default=d.version)
+    p.add_argument("--head-bias", type=float, default=None,
+                   help="initial bias of the last layer (e.g. 1.0 for SqueezeNet from scratch)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -424,7 +435,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         step_size=args.step_size, gamma=args.gamma, balance=args.balance,
         augment=not args.no_augment, resize=args.resize, crop=args.crop, seed=args.seed,
         target_sensitivity=args.target_sensitivity, device=args.device, threads=args.threads,
-        name=args.name, version=args.version,
+        name=args.name, version=args.version, head_bias=args.head_bias,
     )
 
 

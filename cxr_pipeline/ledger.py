@@ -278,6 +278,24 @@ class Ledger:
                 raise KeyError(f"unknown SOP Instance UID {uid}")
             return int(row[0])
 
+    def touch(self, uid: str, state: JobState) -> bool:
+        """Refresh ``updated_at`` of a row only if it is still in ``state``.
+
+        A re-enqueue sweep uses it after publishing a stale row again, so the row is not
+        re-published on every sweep, without overwriting a state a worker set meanwhile.
+
+        Returns
+        -------
+        bool
+            True if the row was in ``state`` (and was touched).
+        """
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET updated_at = ? WHERE sop_instance_uid = ? AND state = ?",
+                (time.time(), uid, JobState(state).value),
+            )
+            return cursor.rowcount == 1
+
     def requeue_failed(self) -> list[str]:
         """Move every FAILED instance back to RECEIVED (attempts reset).
 

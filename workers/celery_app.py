@@ -132,6 +132,12 @@ class CeleryJobQueue:
     ) -> None:
         self.settings = settings
         self.app = create_app(settings)
+        # The listener publishes from C-STORE handler threads: with kombu's default a
+        # publish to a dead broker retries connecting for about 6 s, per image, so a PACS
+        # would see every C-STORE stall during an outage. One attempt, then the sweep.
+        options = dict(self.app.conf.broker_transport_options or {})
+        options["max_retries"] = 0
+        self.app.conf.broker_transport_options = options
         self.ledger = ledger if ledger is not None else Ledger(ledger_path(settings))
         self._retry: set[str] = set()
         self._lock = threading.Lock()
@@ -162,9 +168,10 @@ class CeleryJobQueue:
     def enqueue(self, uid: str, spool_path: str | Path | None = None) -> None:
         """Publish one analysis task; on a broker outage keep it for the sweep.
 
-        The ledger row is marked QUEUED before publishing (so a fast worker's
-        PROCESSING/DONE is never overwritten) and put back to RECEIVED if the publish
-        fails.
+        While earlier publishes are waiting for the sweep (the broker was down a moment
+        ago), the UID joins them at once without a publish attempt: the C-STORE handler
+        is not held up, and the sweep publishes the backlog in arrival order once the
+        broker answers.
 
         Parameters
         ----------
@@ -173,6 +180,19 @@ class CeleryJobQueue:
         spool_path
             Where it is spooled (a hint; workers look the row up in the ledger).
         """
+        with self._lock:
+            if self._retry:
+                self._retry.add(uid)
+                return
+        self._publish_recorded(uid, spool_path)
+
+    def _publish_recorded(self, uid: str, spool_path: str | Path | None) -> bool:
+        """Publish one task, keeping the ledger row consistent; False if the broker failed.
+
+        The ledger row is marked QUEUED before publishing (so a fast worker's
+        PROCESSING/DONE is never overwritten) and put back to RECEIVED if the publish
+        fails.
+        """
         hint = None if spool_path is None else str(spool_path)
         record = self.ledger.get(uid)
         if record is not None and record.state == JobState.RECEIVED:
@@ -180,11 +200,12 @@ class CeleryJobQueue:
         if self._publish(uid, hint):
             with self._lock:
                 self._retry.discard(uid)
-            return
+            return True
         if record is not None and record.state == JobState.RECEIVED:
             self.ledger.mark(uid, JobState.RECEIVED)
         with self._lock:
             self._retry.add(uid)
+        return False
 
     # -- the re-enqueue sweep ----------------------------------------------------------
 
@@ -215,10 +236,13 @@ class CeleryJobQueue:
                 with self._lock:
                     self._retry.discard(uid)
                 continue
-            self.enqueue(uid, record.spool_path)
-            with self._lock:
-                if uid in self._retry:
-                    break  # broker still down: try again next sweep
+            if not self._publish_recorded(uid, record.spool_path):
+                break  # broker still down: try again next sweep
+            if record.state in (JobState.QUEUED, JobState.PROCESSING):
+                # A stale row published again: restart its clock (only if no worker moved
+                # it meanwhile), or every sweep would publish it again until a worker
+                # takes it, flooding the queue with duplicates.
+                self.ledger.touch(uid, record.state)
             published.append(uid)
         if published:
             log.info("re-enqueued %d instance(s)", len(published))

@@ -35,32 +35,47 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
-    data = Path(os.environ.get("CXR_DATA_DIR", Path(__file__).resolve().parents[2]
-                               / "shared" / "data" / "cxr"))
+    data = Path(
+        os.environ.get(
+            "CXR_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+        )
+    )
     pool = read_manifest(data / "manifest.csv")
     half = args.images // 2
     covid = [s for s in pool if s.label == COVID][:half]
     non = [s for s in pool if s.label == NON_COVID][:half]
     train = [replace(s, split="train") for s in covid[:-2] + non[:-2]]
     val = [replace(s, split="val") for s in covid[-2:] + non[-2:]]
-    cfg = TrainConfig(architecture=args.architecture, weights=None, freeze_backbone=True,
-                      augment=False, epochs=args.epochs, crop=args.crop,
-                      resize=round(args.crop * 256 / 224), threads=args.threads)
+    cfg = TrainConfig(
+        architecture=args.architecture,
+        weights=None,
+        freeze_backbone=True,
+        augment=False,
+        epochs=args.epochs,
+        crop=args.crop,
+        resize=round(args.crop * 256 / 224),
+        threads=args.threads,
+    )
     times: dict[bool, list[float]] = {False: [], True: []}
     states = {}
     for _ in range(args.repeats):
         for cached in (False, True):
             start = time.perf_counter()
-            result = run_training(train, val, data, replace(cfg, feature_cache=cached),
-                                  progress=False)
+            result = run_training(
+                train, val, data, replace(cfg, feature_cache=cached), progress=False
+            )
             times[cached].append(time.perf_counter() - start)
             states[cached] = result.model.state_dict()
-    same = all(torch.allclose(states[False][k].float(), states[True][k].float(), atol=1e-5)
-               for k in states[False])
+    same = all(
+        torch.allclose(states[False][k].float(), states[True][k].float(), atol=1e-5)
+        for k in states[False]
+    )
     naive, cached_t = statistics.median(times[False]), statistics.median(times[True])
-    print(f"{args.architecture}, {len(train)} train + {len(val)} val images, "
-          f"{args.epochs} epochs, {args.crop} px, {torch.get_num_threads()} threads, "
-          f"{args.repeats} repeats (wall time includes decoding the images)")
+    print(
+        f"{args.architecture}, {len(train)} train + {len(val)} val images, "
+        f"{args.epochs} epochs, {args.crop} px, {torch.get_num_threads()} threads, "
+        f"{args.repeats} repeats (wall time includes decoding the images)"
+    )
     print(f"naive loop      median {naive:8.2f} s  {[round(t, 2) for t in times[False]]}")
     print(f"feature cache   median {cached_t:8.2f} s  {[round(t, 2) for t in times[True]]}")
     print(f"speed-up {naive / cached_t:.2f}x; same weights (atol 1e-5): {same}")

@@ -78,6 +78,7 @@ def run_load(
 ) -> LoadResult:
     """Send ``associations x per_association`` images concurrently and wait for them."""
     port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / "data"
     config = service_config(
         workdir / "cxr.toml",

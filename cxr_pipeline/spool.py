@@ -34,6 +34,8 @@ _MAX_UID_LENGTH = 64
 INCOMING_DIR = "incoming"
 OUTBOX_DIR = "outbox"
 SUFFIX = ".dcm"
+_TMP_PREFIX = ".tmp-"
+_TMP_SUFFIX = ".part"
 
 
 def validate_uid(uid: str) -> str:
@@ -86,7 +88,7 @@ def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     Path
         ``path``, now complete on disk.
     """
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -178,6 +180,26 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             self.path_for(sop_instance_uid).unlink()
         self.clear_outbox(sop_instance_uid)
+
+    def remove_partial_files(self) -> list[Path]:
+        """Delete temporary files a killed writer left in ``incoming/``.
+
+        :func:`write_durably` writes ``.tmp-*.part`` files and renames them; a process
+        killed in between (``kill -9``, power cut) leaves the temporary file behind, never
+        acknowledged and never recorded. Call it when the (single) listener of this spool
+        starts, before it accepts associations.
+
+        Returns
+        -------
+        list of Path
+            The files removed.
+        """
+        removed = []
+        for path in self.incoming.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+        return removed
 
     def free_bytes(self) -> int:
         """Bytes available to unprivileged writers on the spool's file system."""

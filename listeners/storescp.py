@@ -123,6 +123,9 @@ def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Servi
         The port cannot be bound.
     """
     spool = Spool(spool_root(settings))
+    partial = spool.remove_partial_files()
+    if partial:
+        log.info("removed %d half-written spool files of an interrupted run", len(partial))
     ledger = Ledger(ledger_path(settings))
     queue = queue if queue is not None else make_queue(settings, ledger, spool)
     unfinished = ledger.unfinished()

@@ -28,6 +28,7 @@ from tests.reliability.harness import (
     stop,
     wait_finished,
 )
+from tests.support.dicom_network import wait_until
 from tests.support.orthanc import free_port
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -67,7 +68,12 @@ def test_listener_killed_mid_association(
         acked_before = set(tally.acknowledged)
         assert 4 <= len(acked_before) < len(datasets), statuses
 
+        # What a kill during a spool write leaves (the timer may or may not have hit
+        # one): a temporary file that was never renamed, acknowledged or recorded.
+        incoming = data_dir / "spool" / "incoming"
+        (incoming / ".tmp-killed-mid-write.part").write_bytes(b"\0" * 1000)
         listener = spawn_listener(config, port, log)
+        assert not list(incoming.glob("*.part"))
         # The PACS retries what it never got an answer for.
         retry = [ds for ds in datasets if str(ds.SOPInstanceUID) not in acked_before]
         assoc = associate(port)
@@ -82,6 +88,8 @@ def test_listener_killed_mid_association(
             {u: r and r.state for u, r in rows.items()},
             listener.log_tail(),
         )
+        # Finished jobs leave nothing behind in the spool.
+        assert wait_until(lambda: not any(incoming.iterdir()), timeout_s=30)
     finally:
         stop(listener)
     row = tally.evaluate(ledger, pacs)

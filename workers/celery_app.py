@@ -142,6 +142,8 @@ class CeleryJobQueue:
         self._retry: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._outage_seen = False
+        """A publish failed since the last full recovery: QUEUED messages may be gone."""
         self._thread: threading.Thread | None = None
         if sweep:
             self._thread = threading.Thread(
@@ -205,6 +207,7 @@ class CeleryJobQueue:
             self.ledger.mark(uid, JobState.RECEIVED)
         with self._lock:
             self._retry.add(uid)
+            self._outage_seen = True
         return False
 
     # -- the re-enqueue sweep ----------------------------------------------------------
@@ -244,8 +247,34 @@ class CeleryJobQueue:
                 # takes it, flooding the queue with duplicates.
                 self.ledger.touch(uid, record.state)
             published.append(uid)
+        with self._lock:
+            recovered = self._outage_seen and not self._retry
+        if recovered:
+            published += self._republish_queued(set(published))
         if published:
             log.info("re-enqueued %d instance(s)", len(published))
+        return published
+
+    def _republish_queued(self, skip: set[str]) -> list[str]:
+        """After an outage, publish every QUEUED row again.
+
+        A broker that went down may have lost the messages it held (Redis without
+        persistence restarts empty); waiting for the stale-row rule would delay those
+        images by the visibility timeout (an hour by default). Extra copies are harmless:
+        workers skip finished rows and result UIDs are deterministic.
+        """
+        published: list[str] = []
+        for record in self.ledger.unfinished():
+            uid = record.sop_instance_uid
+            if record.state != JobState.QUEUED or uid in skip:
+                continue
+            if not self._publish_recorded(uid, record.spool_path):
+                return published  # down again: the flag stays set, retried next sweep
+            self.ledger.touch(uid, JobState.QUEUED)
+            published.append(uid)
+        with self._lock:
+            if not self._retry:
+                self._outage_seen = False
         return published
 
     def pending(self) -> set[str]:

@@ -50,6 +50,13 @@ and any transcoding by the sender risks a lossy re-encode. Senders propose a los
 syntax only for data already lossy, unless configured to compress."""
 
 
+ASSOCIATION_REQUEST_TIMEOUT_S = 10.0
+"""ARTIM: how long a new TCP connection may take to send its A-ASSOCIATE-RQ (pynetdicom's
+``acse_timeout``, default 30 s). Idle connections count against ``max_associations``, so
+a handful of silent sockets would lock real senders out for that long; a PACS sends its
+request at once after connecting."""
+
+
 def build_ae(settings: Settings) -> AE:
     """Build the pynetdicom AE with our contexts and association policy.
 
@@ -76,6 +83,7 @@ def build_ae(settings: Settings) -> AE:
         ae.require_calling_aet = list(listener.allowed_calling_aes)
     ae.require_called_aet = listener.require_called_ae
     ae.maximum_associations = listener.max_associations
+    ae.acse_timeout = ASSOCIATION_REQUEST_TIMEOUT_S
     return ae
 
 

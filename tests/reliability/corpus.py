@@ -53,14 +53,20 @@ def _fresh(base: Dataset) -> Dataset:
     return ds
 
 
-def _case(name: str, ds: Dataset, **kw: object) -> Case:
+def _case(
+    name: str,
+    ds: Dataset,
+    *,
+    sop_class: str | None = None,
+    sop_instance: str | None = None,
+    payload: bytes | None = None,
+) -> Case:
     return Case(
         name=name,
-        sop_class=str(kw.pop("sop_class", ds.get("SOPClassUID", CR))),
-        sop_instance=str(kw.pop("sop_instance", ds.get("SOPInstanceUID", generate_uid()))),
-        payload=bytes(kw.pop("payload", None) or body_bytes(ds)),  # type: ignore[arg-type]
+        sop_class=sop_class or str(ds.get("SOPClassUID", CR)),
+        sop_instance=sop_instance or str(ds.get("SOPInstanceUID", generate_uid())),
+        payload=payload if payload is not None else body_bytes(ds),
         study=str(ds.get("StudyInstanceUID", "")),
-        **kw,  # type: ignore[arg-type]
     )
 
 

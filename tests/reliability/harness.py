@@ -340,7 +340,7 @@ def scu(calling_ae: str = SENDER_AE, *, timeout_s: float = 30.0) -> AE:
     ae = AE(ae_title=calling_ae)
     for cx in StoragePresentationContexts:
         ae.add_requested_context(
-            cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+            str(cx.abstract_syntax), [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         )
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     return ae
@@ -390,7 +390,7 @@ def send_raw(
     while not assoc._is_paused:
         time.sleep(0.0001)
     try:
-        assoc.dimse.send_msg(req, int(context.context_id))
+        assoc.dimse.send_msg(req, int(context.context_id or 0))
         _, rsp = assoc.dimse.get_msg(block=True)
     finally:
         assoc._reactor_checkpoint.set()

@@ -174,9 +174,9 @@ def test_redis_down_listener_keeps_accepting_and_backlog_drains(
         if worker is not None:
             stop(worker)
         stop(listener)
-    row = tally.evaluate(ledger, pacs)
-    assert row["lost"] == 0 and row["duplicates"] == 0, row
-    assert row["delivered"] == len(datasets)
+    table = tally.evaluate(ledger, pacs)
+    assert table["lost"] == 0 and table["duplicates"] == 0, table
+    assert table["delivered"] == len(datasets)
     # The stale-row sweep must not flood the queue with copies of waiting tasks.
     assert worker_log.read_text().count("already done, skipping") <= len(datasets)
     assert_no_phi(listener_log, worker_log)

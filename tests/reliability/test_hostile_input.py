@@ -194,16 +194,17 @@ def test_hostile_corpus_then_valid_image(
     print("hostile corpus outcomes:")
     for name, (outcome, status) in summary.items():
         row = bench.ledger.get(next(c.sop_instance for c in cases if c.name == name))
-        state = f"{row.state.value}: {row.reason}" if row is not None else "-"
+        found = f"{row.state.value}: {row.reason}" if row is not None else "-"
         code = "none" if status is None else f"0x{status:04X}"
-        print(f"  {name:<45} {outcome:<8} {code:<7} {state[:90]}")
+        print(f"  {name:<45} {outcome:<8} {code:<7} {found[:90]}")
     for name, (status, state) in EXPECTED.items():
         outcome_status = summary[name][1]
         assert outcome_status == status, (name, outcome_status)
         if state is not None:
             case = next(c for c in cases if c.name == name)
-            row = bench.ledger.get(case.sop_instance)
-            assert row is not None and f"{row.state.value}: {row.reason}".startswith(state), row
+            pinned = bench.ledger.get(case.sop_instance)
+            assert pinned is not None, name
+            assert f"{pinned.state.value}: {pinned.reason}".startswith(state), pinned
     growth_mib = (rss_after - rss_before) / 1024
     print(
         f"listener RSS before {rss_before / 1024:.0f} MiB, after {rss_after / 1024:.0f} MiB,"
@@ -211,8 +212,8 @@ def test_hostile_corpus_then_valid_image(
     )
     assert growth_mib < 200, f"listener RSS grew by {growth_mib:.0f} MiB"
 
-    row = tally.evaluate(bench.ledger, pacs)
-    assert row["lost"] == 0 and row["duplicates"] == 0, row
+    table = tally.evaluate(bench.ledger, pacs)
+    assert table["lost"] == 0 and table["duplicates"] == 0, table
     assert_no_phi(bench.listener.log_path)
 
 

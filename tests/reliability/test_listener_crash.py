@@ -50,12 +50,17 @@ def test_listener_killed_mid_association(
 
     listener = spawn_listener(config, port, log)
     killed = threading.Event()
+
+    def kill_listener() -> None:
+        kill9(listener)
+        killed.set()
+
     try:
         assoc = associate(port)
         statuses: dict[str, int | None] = {}
         for i, ds in enumerate(datasets):
             if i == 4:  # SIGKILL lands while the next C-STOREs are in flight
-                threading.Timer(0.05, lambda: (kill9(listener), killed.set())).start()
+                threading.Timer(0.05, kill_listener).start()
             if not assoc.is_established:
                 statuses[str(ds.SOPInstanceUID)] = None
                 continue

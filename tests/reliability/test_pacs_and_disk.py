@@ -109,9 +109,9 @@ def test_pacs_down_retries_then_fails_and_requeue_delivers(
     finally:
         stop(listener)
     for t in (tally, tally_failed):
-        row = t.evaluate(ledger, pacs)
-        assert row["lost"] == 0 and row["duplicates"] == 0, row
-        assert row["delivered"] == len(t.studies)
+        table = t.evaluate(ledger, pacs)
+        assert table["lost"] == 0 and table["duplicates"] == 0, table
+        assert table["delivered"] == len(t.studies)
     assert_no_phi(log)
 
 

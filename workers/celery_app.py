@@ -115,7 +115,12 @@ class CeleryJobQueue:
     again every ``worker.requeue_interval_s``. The sweep also re-publishes ledger rows
     that stayed RECEIVED longer than ``worker.requeue_after_s`` (e.g. the listener was
     restarted during an outage) and rows QUEUED/PROCESSING for longer than the
-    visibility timeout (the message was lost with a Redis that had no persistence).
+    visibility timeout (the message was lost with a Redis that had no persistence),
+    restarting their clock so each is re-published once per period. Once the broker
+    answers again after an outage this queue saw, every QUEUED row is published again at
+    once (the restarted broker may have lost them). A publish makes one connection
+    attempt, and while a backlog waits for the sweep new UIDs join it without one, so
+    C-STORE handlers are never held up by a dead broker.
 
     Parameters
     ----------

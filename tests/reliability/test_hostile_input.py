@@ -10,6 +10,7 @@ spool, the listener's memory must stay bounded and its log must not name the pat
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from cxr_pipeline.spool import validate_uid
 from tests.reliability.corpus import Case, build_corpus, fuzzed
 from tests.reliability.harness import (
     FINISHED_STATES,
+    REPORT_ROWS,
     Pacs,
     Tally,
     assert_no_phi,
@@ -79,6 +81,7 @@ class Bench:
     port: int
     data_dir: Path
     ledger: Ledger
+    pacs: Pacs
     assoc: Association | None = None
     outcomes: dict[str, str] = field(default_factory=dict)
 
@@ -109,7 +112,7 @@ def bench(tmp_path: Path, pacs: Pacs, pngs: list[Path], tiny_checkpoint: Path) -
         send={"max_attempts": 2},
     )
     listener = spawn_listener(config, port, tmp_path / "listener.log")
-    bench = Bench(listener, port, data_dir, Ledger(data_dir / "ledger.sqlite3"))
+    bench = Bench(listener, port, data_dir, Ledger(data_dir / "ledger.sqlite3"), pacs)
     try:
         yield bench
     finally:
@@ -162,9 +165,8 @@ def test_hostile_corpus_then_valid_image(
         status = bench.send(case)
         statuses[case.name] = status
         outcomes[case.name] = _check_outcome(bench, case, status)
-        if status == DimseStatus.SUCCESS:
-            tally.studies[case.sop_instance] = case.study
-            tally.statuses[case.sop_instance] = status
+        tally.studies[case.sop_instance] = case.study
+        tally.statuses[case.sop_instance] = status
     bench.close()
 
     # Accepted cases finish with a reason (or with results).
@@ -217,6 +219,27 @@ def test_hostile_corpus_then_valid_image(
     assert_no_phi(bench.listener.log_path)
 
 
+FUZZ = Counter[str]()
+"""Outcomes of the fuzzed examples, summed over hypothesis' runs (one table row)."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fuzz_row() -> Iterator[None]:
+    yield
+    if FUZZ["sent"]:
+        REPORT_ROWS.append(
+            {
+                "scenario": "hypothesis-fuzzed byte streams",
+                "sent": FUZZ["sent"],
+                "acknowledged": FUZZ["acknowledged"],
+                "delivered": FUZZ["delivered"],
+                "failed_with_reason": FUZZ["failed_with_reason"],
+                "lost": FUZZ["lost"],
+                "duplicates": FUZZ["duplicates"],
+            }
+        )
+
+
 @settings(
     max_examples=25,
     deadline=None,
@@ -241,11 +264,23 @@ def test_fuzzed_byte_streams(
         payload = payload[:cut]
     case = Case("fuzzed", str(ds.SOPClassUID), str(ds.SOPInstanceUID), payload)
     status = bench.send(case)
+    FUZZ["sent"] += 1
     outcome = _check_outcome(bench, case, status)
     if outcome == "success":
+        FUZZ["acknowledged"] += 1
         rows = wait_finished(bench.ledger, [case.sop_instance], timeout_s=60)
         row = rows[case.sop_instance]
+        if row is None or row.state not in FINISHED_STATES:
+            FUZZ["lost"] += 1
         assert row is not None and row.state in FINISHED_STATES, row
-        assert row.state is JobState.DONE or row.reason
+        if row.state is JobState.DONE:
+            counts, stored = bench.pacs.results_by_study()
+            study = counts.get(str(ds.StudyInstanceUID), Counter())
+            FUZZ["duplicates"] += int(study["SR"] > 1 or study["SC"] > 1)
+            assert len(row.result_uids) == 2 and set(row.result_uids) <= stored, row
+            FUZZ["delivered"] += 1
+        else:
+            assert row.reason, row
+            FUZZ["failed_with_reason"] += 1
     # Still serving after each example.
     assert send_datasets(bench.port, []) == {}

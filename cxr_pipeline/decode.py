@@ -205,6 +205,8 @@ def decode_stored_values(ds: Dataset, *, max_side: int | None = None) -> NDArray
     """
     if "PixelData" not in ds:
         raise CorruptPixelData("no Pixel Data element (file truncated?)")
+    if not ds.PixelData:
+        raise CorruptPixelData("Pixel Data element is empty")
     syntax = check_transfer_syntax(ds)
     rows, cols = int(ds.Rows), int(ds.Columns)
     samples = int(ds.get("SamplesPerPixel", 1))

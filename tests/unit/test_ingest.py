@@ -480,6 +480,16 @@ def test_short_native_pixel_data(nih_small: np.ndarray) -> None:
         load_radiograph(ds, POLICY)
 
 
+def test_zero_length_pixel_data_read_from_file(nih_small: np.ndarray, tmp_path: Path) -> None:
+    ds = make_dicom(nih_small)
+    ds.PixelData = b""
+    path = tmp_path / "empty.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(CorruptPixelData, match="empty") as info:
+        load_radiograph(path, POLICY)
+    assert info.value.reason is Reason.CORRUPT_PIXEL_DATA
+
+
 @pytest.mark.parametrize(
     "keyword",
     ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Rows", "Modality"],

@@ -18,11 +18,12 @@ import logging
 from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
 from cxr_pipeline.codes import STORE_SUCCESS_STATUSES
+from cxr_pipeline.decode import transfer_syntax_of
 from cxr_pipeline.errors import SendError
 from cxr_pipeline.settings import Destination, SendSettings
 
@@ -33,27 +34,6 @@ _MAX_CONTEXTS = 128
 """PS3.8: at most 128 presentation contexts per association."""
 
 
-def dataset_transfer_syntax(ds: Dataset) -> UID:
-    """Return the transfer syntax a dataset is encoded in (file meta, else its encoding flags).
-
-    Parameters
-    ----------
-    ds
-        A dataset read from a file or built by highdicom.
-
-    Returns
-    -------
-    pydicom.uid.UID
-        Its transfer syntax UID.
-    """
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and "TransferSyntaxUID" in meta:
-        return UID(str(meta.TransferSyntaxUID))
-    if getattr(ds, "is_implicit_VR", False):
-        return ImplicitVRLittleEndian
-    return ExplicitVRLittleEndian
-
-
 def _contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
     """Presentation contexts to propose: (SOP class, transfer syntaxes), no duplicates."""
     proposed: list[tuple[str, list[str]]] = []
@@ -61,7 +41,7 @@ def _contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
         if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
             raise SendError("dataset to send has no SOP Class UID or SOP Instance UID")
         sop_class = str(ds.SOPClassUID)
-        own = str(dataset_transfer_syntax(ds))
+        own = str(transfer_syntax_of(ds))
         for context in ((sop_class, [own]), (sop_class, list(_FALLBACK_SYNTAXES))):
             if context not in proposed and not (own in _FALLBACK_SYNTAXES and context[1] == [own]):
                 proposed.append(context)
@@ -72,7 +52,7 @@ def _contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
 
 def _as_accepted(ds: Dataset, accepted: set[str]) -> Dataset:
     """Return the dataset, decompressed if the peer did not accept its compressed syntax."""
-    syntax = dataset_transfer_syntax(ds)
+    syntax = transfer_syntax_of(ds)
     if str(syntax) in accepted or not syntax.is_compressed:
         return ds
     if not accepted & set(_FALLBACK_SYNTAXES):

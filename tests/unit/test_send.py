@@ -9,8 +9,9 @@ import pytest
 from pydicom.uid import JPEG2000Lossless
 
 from cxr_pipeline.codes import DimseStatus
+from cxr_pipeline.decode import transfer_syntax_of
 from cxr_pipeline.errors import SendError
-from cxr_pipeline.send import dataset_transfer_syntax, send_datasets
+from cxr_pipeline.send import send_datasets
 from cxr_pipeline.settings import Destination, SendSettings
 from tests.conftest import testdata as data_file
 from tests.support.dicom_network import UNCOMPRESSED_ONLY, recording_scp
@@ -43,7 +44,7 @@ def test_sends_every_dataset_in_its_own_syntax(ct_and_mr: list[pydicom.Dataset])
 def test_compressed_dataset_is_decompressed_for_an_uncompressed_peer() -> None:
     j2k = pydicom.dcmread(data_file("RG1_J2KR.dcm"))
     reference = pydicom.dcmread(data_file("RG1_UNCR.dcm"))
-    assert dataset_transfer_syntax(j2k).is_compressed
+    assert transfer_syntax_of(j2k).is_compressed
     with recording_scp(transfer_syntaxes=UNCOMPRESSED_ONLY) as scp:
         send_datasets([j2k], _dest(scp.port), SETTINGS)
     assert scp.transfer_syntaxes[0] in UNCOMPRESSED_ONLY
@@ -51,7 +52,7 @@ def test_compressed_dataset_is_decompressed_for_an_uncompressed_peer() -> None:
     # J2KR is lossless: the peer receives exactly the uncompressed pixels.
     assert (got.pixel_array == reference.pixel_array).all()
     # The caller's dataset is untouched.
-    assert dataset_transfer_syntax(j2k) == JPEG2000Lossless
+    assert transfer_syntax_of(j2k) == JPEG2000Lossless
 
 
 def test_failure_status_raises_send_error(ct_and_mr: list[pydicom.Dataset]) -> None:

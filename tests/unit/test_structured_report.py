@@ -19,25 +19,7 @@ from cxr_pipeline.model_card import ModelCard
 from cxr_pipeline.results import Finding
 from cxr_pipeline.settings import OutputSettings
 from tests.support.dicom3tools import dciodvfy, dsr2html, dsrdump
-
-PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-)
-SHARED_DICOMS = (
-    "nih_dx_secondary_capture.dcm",
-    "rsna_cr_ap_jpeg_baseline.dcm",
-    "siim_cr_pa_fake_monochrome1.dcm",
-    "siim_cr_pa_jpeg_baseline.dcm",
-)
+from tests.support.source_attributes import PATIENT_STUDY, SHARED_DICOMS
 
 
 @pytest.fixture(scope="module")

@@ -170,26 +170,38 @@ def bench_decode(
 
 
 def run_input(
-    label: str, files: Path, predictor: Predictor, settings: Settings, out: Path, picture: bool
+    label: str,
+    files: Path,
+    predictor: Predictor,
+    reference: Predictor,
+    settings: Settings,
+    out: Path,
+    picture: bool,
 ) -> dict[str, float]:
+    """Measure (a) with ``predictor``; (b) and (c) with the float32 ``reference``."""
     items = list(walk([files]))
     workers = settings.batch.decode_workers
     max_side = settings.batch.decode_max_side or None
     spec = predictor.card.preprocessing
-    jobs = [DecodeJob(item=i, ingest=settings.ingest, spec=spec, max_side=max_side) for i in items]
+    fit_model = settings.batch.decode_max_side is None
+    jobs = [
+        DecodeJob(item=i, ingest=settings.ingest, spec=spec, max_side=max_side, fit_model=fit_model)
+        for i in items
+    ]
     default_threads = torch.get_num_threads()
 
     a_cold, a = bench_batch(files, settings, predictor, out / label)
     torch.set_num_threads(default_threads)
-    b = bench_loop(items, predictor, settings, picture)
+    b = bench_loop(items, reference, settings, picture)
     d, tensors = bench_decode(jobs, settings, workers)
-    c = bench_forward(tensors, predictor, settings.batch.batch_size)
+    c = bench_forward(tensors, reference, settings.batch.batch_size)
     e = 1.0 / (1.0 / c + 1.0 / d)
     figures = {"a_cold": a_cold, "a": a, "b": b, "c": c, "d": d, "e": e}
     print(
         f"\n{label}: {len(items)} images, {workers} decode processes, batch "
         f"{settings.batch.batch_size}, model threads in (a) "
-        f"{model_threads(settings, workers)}, in (b, c) {default_threads}"
+        f"{model_threads(settings, workers)}, in (b, c) {default_threads}; (a) computes in "
+        f"{predictor.precision}, (b, c) in {reference.precision}"
     )
     for key, text in (
         ("a", "(a) cxr-batch, warm pool"),
@@ -212,6 +224,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--decode-max-side", type=int, default=None)
     parser.add_argument("--torch-threads", type=int, default=0)
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="forward-pass compute type of cxr-batch (a); (b) and (c) stay float32 eager",
+    )
     args = parser.parse_args()
 
     nih = sorted((_data_dir() / "images" / "nih").glob("*.png"))
@@ -233,15 +251,16 @@ def main() -> int:
         architecture=args.arch,
         device_uid="2.25.1",
     )
+    model = build_model(args.arch, weights=None)
+    reference = Predictor(model, card, device="cpu", batch_size=args.batch_size)
     predictor = Predictor(
-        build_model(args.arch, weights=None),
-        card,
-        device="cpu",
-        batch_size=args.batch_size,
+        model, card, device="cpu", batch_size=args.batch_size, precision=args.precision
     )
+    decode_size = settings.batch.decode_max_side
     print(
         f"cxr-batch benchmark: {args.arch}, {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__}, decode_max_side {settings.batch.decode_max_side}"
+        f"{torch.__version__}, decode_max_side "
+        f"{'auto (fit the model input)' if decode_size is None else decode_size}"
     )
     with tempfile.TemporaryDirectory(prefix="cxr-bench-batch-") as tmp:
         root = Path(tmp)
@@ -252,8 +271,11 @@ def main() -> int:
         png.mkdir()
         for path in nih[: args.images]:
             (png / path.name).symlink_to(path)
-        run_input("DICOM mix", dicom, predictor, settings, root / "out", picture=False)
-        run_input("NIH PNG 1024 px", png, predictor, settings, root / "out", picture=True)
+        for label, folder, picture in (
+            ("DICOM mix", dicom, False),
+            ("NIH PNG 1024 px", png, True),
+        ):
+            run_input(label, folder, predictor, reference, settings, root / "out", picture)
     return 0
 
 

@@ -21,6 +21,13 @@ from cxr_pipeline.models import default_checkpoint_path, load_checkpoint
 from cxr_pipeline.preprocess import preprocess
 from cxr_pipeline.settings import ModelSettings
 
+_AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+    "float32": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""Forward-pass compute types; None runs plain float32 (autocast off)."""
+
 
 def resolve_device(device: str) -> torch.device:
     """Turn a device setting into a :class:`torch.device`.
@@ -71,6 +78,9 @@ class Predictor:
         Use the channels-last memory format (faster convolutions on CPU and GPU).
     batch_size
         Largest micro-batch of one forward pass.
+    precision
+        ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``: the compute type of the
+        forward pass under ``torch.autocast``; probabilities are always float32.
 
     Attributes
     ----------
@@ -87,9 +97,14 @@ class Predictor:
         device: str = "auto",
         channels_last: bool = True,
         batch_size: int = 16,
+        precision: str = "float32",
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if precision not in _AUTOCAST_DTYPES:
+            choices = sorted(_AUTOCAST_DTYPES)
+            raise ConfigError(f"precision must be one of {choices}, got {precision!r}")
+        self.precision = precision
         self.device = resolve_device(device)
         self.card = card
         self.channels_last = channels_last
@@ -109,6 +124,7 @@ class Predictor:
         device: str = "auto",
         channels_last: bool = True,
         batch_size: int = 16,
+        precision: str = "float32",
     ) -> Predictor:
         """Load a checkpoint (see :func:`cxr_pipeline.models.load_checkpoint`).
 
@@ -116,7 +132,7 @@ class Predictor:
         ----------
         path
             Checkpoint file (``str`` or ``Path``).
-        device, channels_last, batch_size
+        device, channels_last, batch_size, precision
             As for the constructor.
 
         Returns
@@ -130,7 +146,14 @@ class Predictor:
             The checkpoint cannot be loaded safely.
         """
         model, card = load_checkpoint(Path(path), map_location="cpu")
-        return cls(model, card, device=device, channels_last=channels_last, batch_size=batch_size)
+        return cls(
+            model,
+            card,
+            device=device,
+            channels_last=channels_last,
+            batch_size=batch_size,
+            precision=precision,
+        )
 
     @classmethod
     def from_settings(cls, settings: ModelSettings) -> Predictor:
@@ -152,6 +175,7 @@ class Predictor:
             device=settings.device,
             channels_last=settings.channels_last,
             batch_size=settings.batch_size,
+            precision=settings.precision,
         )
 
     def _check(self, batch: torch.Tensor) -> None:
@@ -191,7 +215,11 @@ class Predictor:
         self._check(batch)
         outputs: list[np.ndarray] = [np.zeros((0,), dtype=np.float32)]
         covid = self.card.covid_index
-        with torch.inference_mode():
+        dtype = _AUTOCAST_DTYPES[self.precision]
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None),
+        ):
             for start in range(0, int(batch.shape[0]), self.batch_size):
                 chunk = self.to_model_input(batch[start : start + self.batch_size])
                 try:

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
     parser.add_argument("--config", type=Path, help="TOML settings file (default $CXR_CONFIG)")
     parser.add_argument("--checkpoint", type=Path, help="model checkpoint (default: packaged)")
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "float16"),
+        help="forward-pass compute type (bfloat16: about 2x faster on CPUs with AVX-512 BF16)",
+    )
     parser.add_argument("--write-sr", action="store_true", help="write a TID 1500 SR per image")
     parser.add_argument("--write-sc", action="store_true", help="write a heatmap SC per image")
     parser.add_argument("--heatmaps", action="store_true", help="compute heatmaps")
@@ -95,8 +100,13 @@ class _RateColumn(ProgressColumn):
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
+    model: dict[str, Any] = {}
     if args.checkpoint is not None:
-        overrides["model"] = {"checkpoint": str(args.checkpoint)}
+        model["checkpoint"] = str(args.checkpoint)
+    if args.precision is not None:
+        model["precision"] = args.precision
+    if model:
+        overrides["model"] = model
     batch: dict[str, Any] = {}
     if args.workers is not None:
         batch["decode_workers"] = args.workers

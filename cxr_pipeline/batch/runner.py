@@ -321,10 +321,12 @@ def _process(run: _Run, todo: list[InputFile], executor: ProcessPoolExecutor) ->
     in_flight = settings.batch.max_in_flight or (
         batch_size + workers if options.needs_image else 2 * batch_size + workers
     )
+    fit_model = False
     if options.needs_image:
         max_side = settings.output.sc_max_size or None
     else:
         max_side = settings.batch.decode_max_side or None
+        fit_model = settings.batch.decode_max_side is None
     spec = run.predictor.card.preprocessing
 
     def job(item: InputFile) -> DecodeJob:
@@ -333,6 +335,7 @@ def _process(run: _Run, todo: list[InputFile], executor: ProcessPoolExecutor) ->
             ingest=settings.ingest,
             spec=spec,
             max_side=max_side,
+            fit_model=fit_model,
             keep_image=options.needs_image,
             keep_header=options.write_sr,
         )

@@ -14,6 +14,7 @@ import pytest
 
 from cxr_pipeline.batch.cli import main as cli_main
 from cxr_pipeline.batch.cli import parse_destination
+from cxr_pipeline.batch.decode import model_max_side
 from cxr_pipeline.batch.report import (
     COLUMNS,
     CSV_NAME,
@@ -26,6 +27,8 @@ from cxr_pipeline.batch.report import (
 )
 from cxr_pipeline.batch.runner import BatchOptions, run_batch
 from cxr_pipeline.batch.walker import FileKind, InputFile, detect_kind, walk
+from cxr_pipeline.codes import JPEG2000_TRANSFER_SYNTAXES
+from cxr_pipeline.decode import transfer_syntax_of
 from cxr_pipeline.encode.reading import read_structured_report
 from cxr_pipeline.errors import ConfigError
 from cxr_pipeline.inference import Predictor
@@ -229,11 +232,16 @@ def test_batched_probability_equals_one_image_in_process(
     rows = _rows_by_rel(out, root)
     predictor = Predictor.from_settings(batch_settings.model)
     spec = predictor.card.preprocessing
-    max_side = batch_settings.batch.decode_max_side
+    assert batch_settings.batch.decode_max_side is None  # decode sized to fit the model
     for rel in ("chest/dx_mono1_j2k.dcm", "chest/a/b/cr_jpegls", "chest/raw_dataset"):
-        image = load_radiograph(
-            pydicom.dcmread(root / rel, force=True), batch_settings.ingest, max_side=max_side
+        ds = pydicom.dcmread(root / rel, force=True)
+        max_side = model_max_side(
+            int(ds.Rows),
+            int(ds.Columns),
+            spec.resize,
+            exact_reduction=transfer_syntax_of(ds) not in JPEG2000_TRANSFER_SYNTAXES,
         )
+        image = load_radiograph(ds, batch_settings.ingest, max_side=max_side)
         alone = float(predictor.predict_tensors(preprocess(image.pixels, spec)[None])[0])
         assert rows[rel].probability == pytest.approx(alone, abs=1e-5)
         assert rows[rel].sop_instance_uid == image.sop_instance_uid
@@ -305,7 +313,6 @@ def test_reduced_resolution_decode_gives_the_same_model_input(
     from cxr_pipeline.model_card import PreprocessingSpec
     from tests.support import dicom_factory as factory
 
-    assert batch_settings.batch.decode_max_side == 512
     ds = factory.make_dicom(factory.load_png(nih_png_paths[5], size=None), bits_stored=12)
     assert (ds.Rows, ds.Columns) == (1024, 1024)
     spec = PreprocessingSpec()
@@ -313,6 +320,32 @@ def test_reduced_resolution_decode_gives_the_same_model_input(
     reduced = load_radiograph(ds, batch_settings.ingest, max_side=512)
     assert reduced.pixels.shape == (512, 512)
     assert float((preprocess(np.array(reduced.pixels), spec) - full).abs().max()) < 1e-3
+    # Sized to fit the model (the default): 1024 -> 256 block average is the area resize.
+    assert model_max_side(1024, 1024, spec.resize) == 256
+    fitted = load_radiograph(ds, batch_settings.ingest, max_side=256)
+    assert fitted.pixels.shape == (256, 256)
+    assert float((preprocess(np.array(fitted.pixels), spec) - full).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "resize", "exact", "expected"),
+    [
+        (1024, 1024, 256, True, 256),  # exact block average to the model size
+        (1024, 1024, 256, False, 512),  # JPEG 2000 levels keep a 2x margin
+        (1024, 1024, 183, True, 512),  # non-integer final resize: keep a 2x margin
+        (1955, 1841, 256, True, 978),  # never below the model size
+        (2048, 2500, 256, True, 313),
+        (300, 300, 256, True, None),  # already small: full resolution
+    ],
+)
+def test_model_max_side(
+    rows: int, columns: int, resize: int, exact: bool, expected: int | None
+) -> None:
+    max_side = model_max_side(rows, columns, resize, exact_reduction=exact)
+    assert max_side == expected
+    if max_side is not None:
+        factor = -(-max(rows, columns) // max_side)
+        assert min(rows, columns) // factor >= resize
 
 
 def test_heatmaps_without_sc_are_saved_as_png_at_image_size(

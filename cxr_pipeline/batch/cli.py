@@ -33,13 +33,10 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from cxr_pipeline.batch import FORK_SERVER_PRELOAD
 from cxr_pipeline.batch.report import Row, Status, Summary
 from cxr_pipeline.errors import ConfigError, CxrError
 from cxr_pipeline.settings import Destination, load_settings
-
-DECODE_MODULE = "cxr_pipeline.batch.decode"
-"""Preloaded by the decode fork server (same as ``cxr_pipeline.batch.decode.DECODE_MODULE``,
-named here so the command can start the server before it imports torch itself)."""
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -141,7 +138,7 @@ def start_fork_server(start_method: str) -> None:
         return
     from multiprocessing import forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload([DECODE_MODULE])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(FORK_SERVER_PRELOAD))
     forkserver.ensure_running()
 
 

@@ -30,9 +30,6 @@ from cxr_pipeline.model_card import PreprocessingSpec
 from cxr_pipeline.preprocess import preprocess
 from cxr_pipeline.settings import IngestSettings
 
-DECODE_MODULE = __name__
-"""Module a fork server preloads so decode processes start as cheap forks."""
-
 SKIP_REASONS: frozenset[Reason] = frozenset(
     {
         Reason.NOT_DICOM,

@@ -23,8 +23,8 @@ import torch
 from matplotlib import image as mpl_image
 from pydicom.dataset import Dataset
 
+from cxr_pipeline.batch import FORK_SERVER_PRELOAD
 from cxr_pipeline.batch.decode import (
-    DECODE_MODULE,
     Decoded,
     DecodeJob,
     decode_file,
@@ -101,7 +101,7 @@ def decode_pool(settings: Settings, workers: int) -> ProcessPoolExecutor:
     if settings.batch.start_method == "forkserver":
         # Import torch, MONAI and the decoders once in the fork server; each decode
         # process then starts as a cheap fork of it.
-        context.set_forkserver_preload([DECODE_MODULE])
+        context.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
     executor = ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=init_decode_process
     )

@@ -397,3 +397,22 @@ def test_a_killed_decode_process_costs_no_row(
     rows = read_rows(tmp_path / "out" / JSONL_NAME)
     assert sorted(str(Path(r.path).relative_to(root)) for r in rows) == sorted(chest)
     assert {r.status for r in summary.rows} == {"done"}
+
+
+
+def test_decode_processes_start_with_the_runner_already_imported(
+    batch_settings: Settings,
+) -> None:
+    # The fork server preloads the decoders and the runner (and its heavy imports), so a
+    # new decode pool is a set of cheap forks, not a fresh import of highdicom & co. each.
+    # The probe lives in a module that imports nothing, so unpickling it loads nothing.
+    from cxr_pipeline.batch.runner import decode_pool
+    from tests.support.process_probe import imported
+
+    assert batch_settings.batch.start_method == "forkserver"
+    executor = decode_pool(batch_settings, 1)
+    try:
+        names = ("cxr_pipeline.batch.runner", "highdicom", "monai")
+        assert executor.submit(imported, names).result(timeout=120) == [True, True, True]
+    finally:
+        executor.shutdown()

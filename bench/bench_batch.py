@@ -10,6 +10,8 @@ does not depend on the weights):
 (c) bare eager forward on pre-decoded tensors at the same batch size (all cores);
 (d) decode + preprocess alone with the same number of processes;
 e = 1 / (1/c + 1/d): what a perfect serial split of the machine between (c) and (d) gives.
+With ``--precision bfloat16``, (c') and e' repeat (c) and e with the forward pass in
+bfloat16 too, so a/e' compares cxr-batch with the bound of its own compute type.
 
 Inputs: (1) full-size DICOM radiographs in a realistic mix of transfer syntaxes (real RG1
 16-bit CR uncompressed and JPEG 2000, NIH 1024 px images wrapped as 12-16 bit native,
@@ -19,6 +21,7 @@ shared NIH 1024 px PNGs. Prints images/s and the ratios a/b and a/e for each.
 Usage::
 
     .venv/bin/python bench/bench_batch.py [--arch resnet18] [--images 48] [--workers 2]
+        [--precision bfloat16] [--rounds 3]
 
 The machine may be shared with other work: run it when it is quiet, and read the
 figures as a snapshot.
@@ -105,21 +108,15 @@ def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("nan")
 
 
-def bench_batch(
-    files: Path, settings: Settings, predictor: Predictor, out: Path
-) -> tuple[float, float]:
-    """(a): cold (fresh fork server) and warm images/s of run_batch."""
-    summaries = []
-    for name in ("cold", "warm"):
-        target = out / name
-        start = time.perf_counter()
-        summary = run_batch([files], target, settings, BatchOptions(), predictor=predictor)
-        seconds = time.perf_counter() - start
-        bad = {k: v for k, v in summary.counts.items() if k != "done"}
-        if bad:
-            raise SystemExit(f"benchmark files not all classified: {bad} {summary.rows[:2]}")
-        summaries.append(rate(summary.classified, seconds))
-    return summaries[0], summaries[1]
+def bench_batch(files: Path, settings: Settings, predictor: Predictor, out: Path) -> float:
+    """(a): images/s of one run_batch into a fresh output folder."""
+    start = time.perf_counter()
+    summary = run_batch([files], out, settings, BatchOptions(), predictor=predictor)
+    seconds = time.perf_counter() - start
+    bad = {k: v for k, v in summary.counts.items() if k != "done"}
+    if bad:
+        raise SystemExit(f"benchmark files not all classified: {bad} {summary.rows[:2]}")
+    return rate(summary.classified, seconds)
 
 
 def bench_loop(
@@ -177,8 +174,16 @@ def run_input(
     settings: Settings,
     out: Path,
     picture: bool,
+    rounds: int,
 ) -> dict[str, float]:
-    """Measure (a) with ``predictor``; (b) and (c) with the float32 ``reference``."""
+    """Measure (a) with ``predictor``; (b) and (c) with the float32 ``reference``.
+
+    The first run of (a) is the cold start (a fresh fork server when none runs yet).
+    Then ``rounds`` rounds each measure (a) on a warm fork server, (b), (d), (c) [and
+    (c')] back to back; the figures printed are medians over the rounds, and each ratio
+    is the median of its per-round values (numerator and denominator measured minutes
+    apart would mostly measure the machine's drift).
+    """
     items = list(walk([files]))
     workers = settings.batch.decode_workers
     max_side = settings.batch.decode_max_side or None
@@ -189,31 +194,60 @@ def run_input(
         for i in items
     ]
     default_threads = torch.get_num_threads()
+    batch_size = settings.batch.batch_size
+    own = predictor.precision != reference.precision
 
-    a_cold, a = bench_batch(files, settings, predictor, out / label)
-    torch.set_num_threads(default_threads)
-    b = bench_loop(items, reference, settings, picture)
-    d, tensors = bench_decode(jobs, settings, workers)
-    c = bench_forward(tensors, reference, settings.batch.batch_size)
-    e = 1.0 / (1.0 / c + 1.0 / d)
-    figures = {"a_cold": a_cold, "a": a, "b": b, "c": c, "d": d, "e": e}
+    a_cold = bench_batch(files, settings, predictor, out / label / "cold")
+    per_round: list[dict[str, float]] = []
+    for index in range(rounds):
+        figures = {"a": bench_batch(files, settings, predictor, out / label / f"warm{index}")}
+        torch.set_num_threads(default_threads)
+        figures["b"] = bench_loop(items, reference, settings, picture)
+        figures["d"], tensors = bench_decode(jobs, settings, workers)
+        figures["c"] = bench_forward(tensors, reference, batch_size)
+        figures["e"] = 1.0 / (1.0 / figures["c"] + 1.0 / figures["d"])
+        if own:
+            # The same bound with the forward pass in (a)'s own precision: the fairer a/e.
+            figures["c_own"] = bench_forward(tensors, predictor, batch_size)
+            figures["e_own"] = 1.0 / (1.0 / figures["c_own"] + 1.0 / figures["d"])
+        figures["a/b"] = figures["a"] / figures["b"]
+        figures["a/e"] = figures["a"] / figures["e"]
+        if own:
+            figures["a/e'"] = figures["a"] / figures["e_own"]
+            figures["c'/c"] = figures["c_own"] / figures["c"]
+        per_round.append(figures)
+    medians = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
+    medians["a_cold"] = a_cold
     print(
-        f"\n{label}: {len(items)} images, {workers} decode processes, batch "
-        f"{settings.batch.batch_size}, model threads in (a) "
-        f"{model_threads(settings, workers)}, in (b, c) {default_threads}; (a) computes in "
-        f"{predictor.precision}, (b, c) in {reference.precision}"
+        f"\n{label}: {len(items)} images, {workers} decode processes, batch {batch_size}, "
+        f"model threads in (a) {model_threads(settings, workers)}, in (b, c) "
+        f"{default_threads}; (a) computes in {predictor.precision}, (b, c) in "
+        f"{reference.precision}; medians of {rounds} rounds"
     )
     for key, text in (
-        ("a", "(a) cxr-batch, warm pool"),
-        ("a_cold", "    cxr-batch, cold start"),
+        ("a", "(a) cxr-batch, warm fork server"),
+        ("a_cold", "    cxr-batch, cold start (first run)"),
         ("b", "(b) per-image loop (Inference.py style)"),
         ("c", "(c) forward only, batched"),
         ("d", "(d) decode + preprocess only"),
         ("e", "    e = 1/(1/c + 1/d)"),
+        ("c_own", f"(c') forward only, {predictor.precision}"),
+        ("e_own", "    e' = 1/(1/c' + 1/d)"),
     ):
-        print(f"  {text:<42} {figures[key]:8.2f} images/s")
-    print(f"  a/b = {a / b:5.2f}   a/e = {a / e:5.2f}   (cold a/b = {a_cold / b:5.2f})")
-    return figures
+        if key in medians:
+            spread = ""
+            if key != "a_cold" and rounds > 1:
+                values = [r[key] for r in per_round]
+                spread = f"   ({min(values):.1f}-{max(values):.1f})"
+            print(f"  {text:<42} {medians[key]:8.2f} images/s{spread}")
+    ratios = [k for k in ("a/b", "a/e", "a/e'", "c'/c") if k in medians]
+    print("  " + "   ".join(f"{k} = {medians[k]:5.2f}" for k in ratios))
+    print(
+        "    per round: "
+        + "; ".join(" ".join(f"{k} {r[k]:.2f}" for k in ratios) for r in per_round)
+    )
+    print(f"  cold a/b = {a_cold / medians['b']:5.2f}")
+    return medians
 
 
 def main() -> int:
@@ -224,6 +258,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--decode-max-side", type=int, default=None)
     parser.add_argument("--torch-threads", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3, help="measurement rounds (medians)")
     parser.add_argument(
         "--precision",
         default="float32",
@@ -252,7 +287,10 @@ def main() -> int:
         device_uid="2.25.1",
     )
     model = build_model(args.arch, weights=None)
-    reference = Predictor(model, card, device="cpu", batch_size=args.batch_size)
+    # (b) and (c) run the model as the authors' code does: eager, float32, nothing folded.
+    reference = Predictor(
+        model, card, device="cpu", batch_size=args.batch_size, fold_batch_norm=False
+    )
     predictor = Predictor(
         model, card, device="cpu", batch_size=args.batch_size, precision=args.precision
     )
@@ -275,7 +313,9 @@ def main() -> int:
             ("DICOM mix", dicom, False),
             ("NIH PNG 1024 px", png, True),
         ):
-            run_input(label, folder, predictor, reference, settings, root / "out", picture)
+            run_input(
+                label, folder, predictor, reference, settings, root / "out", picture, args.rounds
+            )
     return 0
 
 

@@ -98,39 +98,48 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.repeats} after a warm-up"
     )
 
-    print("\n(1) forward pass, ms/image (224 px input)")
-    header = f"{'architecture':<14} {'batch':>5} {'channels_last':>14} {'NCHW':>10} {'NCHW/CL':>8}"
+    print("\n(1) forward pass, ms/image (224 px input): the default (channels-last, batch norms")
+    print("    folded) against channels-last unfolded and plain NCHW eager")
+    variants = {"default": (True, True), "CL unfolded": (True, False), "NCHW": (False, False)}
+    header = (
+        f"{'architecture':<14} {'batch':>5} "
+        + " ".join(f"{name:>12}" for name in variants)
+        + f" {'unfolded/def':>12} {'NCHW/def':>9}"
+    )
     print(header)
     print("-" * len(header))
     for arch in args.archs:
         model = build_model(arch, weights=None)
         for batch_size in args.batch_sizes:
             batch = torch.randn(batch_size, 3, 224, 224)
-            # Two predictors on two copies of the weights, timed alternately so that load
-            # from other processes affects both memory formats alike.
+            # One predictor per variant on its own copy of the weights, timed alternately
+            # so that load from other processes affects every variant alike.
             predictors = {
-                layout: Predictor(
+                name: Predictor(
                     copy.deepcopy(model),
                     _card(arch),
                     device=str(device),
                     channels_last=layout,
+                    fold_batch_norm=fold,
                     batch_size=batch_size,
                 )
-                for layout in (True, False)
+                for name, (layout, fold) in variants.items()
             }
-            times: dict[bool, list[float]] = {True: [], False: []}
+            times: dict[str, list[float]] = {name: [] for name in variants}
             for predictor in predictors.values():
                 predictor.predict_tensors(batch)  # warm-up
             for _ in range(args.repeats):
-                for layout, predictor in predictors.items():
+                for name, predictor in predictors.items():
                     start = time.perf_counter()
                     predictor.predict_tensors(batch)
                     sync()
-                    times[layout].append(time.perf_counter() - start)
+                    times[name].append(time.perf_counter() - start)
             per_image = {k: 1000.0 * statistics.median(v) / batch_size for k, v in times.items()}
+            base = per_image["default"]
             print(
-                f"{arch:<14} {batch_size:>5} {per_image[True]:>14.1f} {per_image[False]:>10.1f} "
-                f"{per_image[False] / per_image[True]:>8.2f}"
+                f"{arch:<14} {batch_size:>5} "
+                + " ".join(f"{per_image[name]:>12.1f}" for name in variants)
+                + f" {per_image['CL unfolded'] / base:>12.2f} {per_image['NCHW'] / base:>9.2f}"
             )
         del model
 

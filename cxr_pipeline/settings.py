@@ -100,6 +100,9 @@ class ModelSettings(_Section):
     """Largest inference micro-batch."""
     channels_last: bool = True
     """Use the channels-last memory format for convolution speed."""
+    fold_batch_norm: bool = True
+    """Run the forward pass on a copy with each convolution's batch norm folded into its
+    weights (1.02-1.14x faster on CPU; probabilities move by < 1e-5)."""
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute type of the classifier's forward pass (``torch.autocast``). ``bfloat16`` about
     halves CPU time on processors with AVX-512 BF16 or AMX and moves probabilities by about

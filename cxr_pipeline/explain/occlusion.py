@@ -69,7 +69,7 @@ def occlusion(
         raise ConfigError(f"occlusion batch {batch} must be >= 1")
     base = float(predictor.predict_tensors(x)[0])
     sensitivity = OcclusionSensitivity(
-        nn_module=predictor.model,
+        nn_module=predictor.inference_model,
         mask_size=patch,
         n_batch=batch,
         verbose=False,

@@ -138,3 +138,40 @@ def test_bfloat16_forward_stays_close_to_float32(images: list[np.ndarray]) -> No
 def test_unknown_precision_is_a_config_error(tiny_checkpoint: Path) -> None:
     with pytest.raises(ConfigError, match="precision"):
         Predictor.from_checkpoint(tiny_checkpoint, device="cpu", precision="int4")
+
+
+def test_folded_batch_norms_give_the_same_probabilities() -> None:
+    # ResNet-18 has a BatchNorm after every convolution; with non-trivial running
+    # statistics, the folded copy must compute the same function and drop every BN.
+    from cxr_pipeline.inference import fold_batch_norms
+    from cxr_pipeline.model_card import ModelCard
+    from cxr_pipeline.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", weights=None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    card = ModelCard(name="t", version="0", architecture="resnet18", device_uid="2.25.1")
+    folded = Predictor(model, card, device="cpu")
+    plain = Predictor(model, card, device="cpu", fold_batch_norm=False)
+    assert plain.inference_model is plain.model
+    assert folded.model is model and folded.inference_model is not model
+    bns = [m for m in folded.inference_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns == []
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # untouched
+    x = torch.randn(4, 3, 96, 96)
+    np.testing.assert_allclose(folded.predict_tensors(x), plain.predict_tensors(x), atol=1e-5)
+    assert np.ptp(plain.predict_tensors(x)) > 0
+    # A model FX cannot trace is run as it is.
+    untraceable = _Untraceable().eval()
+    assert fold_batch_norms(untraceable) is untraceable
+
+
+class _Untraceable(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: FX symbolic tracing fails
+            return x
+        return -x

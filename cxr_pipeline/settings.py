@@ -105,8 +105,9 @@ class ModelSettings(_Section):
     weights (1.02-1.14x faster on CPU; probabilities move by < 1e-5)."""
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute type of the classifier's forward pass (``torch.autocast``). ``bfloat16`` about
-    halves CPU time on processors with AVX-512 BF16 or AMX and moves probabilities by about
-    1e-3; ``float16`` is for GPUs. Heatmaps always run in float32."""
+    halves CPU time on processors with AVX-512 BF16 or AMX; with the default model on the 448
+    shared pictures it moved probabilities by 0.0017 on average (0.011 at most) and flipped
+    2 decisions at the threshold. ``float16`` is for GPUs. Heatmaps always run in float32."""
 
 
 class ExplainSettings(_Section):

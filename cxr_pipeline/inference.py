@@ -84,11 +84,14 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     Returns
     -------
     torch.nn.Module
-        The folded copy; ``model`` itself where it cannot be traced (custom control flow),
-        which only costs the speed-up.
+        The folded copy; ``model`` itself where there is no batch norm (nothing to fold,
+        no copy needed) or it cannot be traced (custom control flow), which only costs the
+        speed-up.
     """
     from torch.fx.experimental.optimization import fuse
 
+    if not any(isinstance(module, nn.BatchNorm2d) for module in model.modules()):
+        return model
     try:
         folded = fuse(model, inplace=False)
     except Exception as exc:  # untraceable models are fine as they are

@@ -168,10 +168,17 @@ def test_folded_batch_norms_give_the_same_probabilities() -> None:
     # A model FX cannot trace is run as it is.
     untraceable = _Untraceable().eval()
     assert fold_batch_norms(untraceable) is untraceable
+    # Nothing to fold (SqueezeNet, the default model's architecture): no copy is made.
+    squeezenet = build_model("squeezenet1_1", weights=None).eval()
+    assert fold_batch_norms(squeezenet) is squeezenet
 
 
 class _Untraceable(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm2d(3)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.sum() > 0:  # data-dependent control flow: FX symbolic tracing fails
-            return x
+            return self.norm(x)
         return -x

@@ -183,8 +183,9 @@ class WorkerSettings(_Section):
     queue_name: str = "cxr"
     """Celery queue the listener publishes to and workers consume."""
     visibility_timeout_s: int = 3600
-    """Redis transport: an unacknowledged task is redelivered after this many seconds
-    (must exceed the longest job, including send retries)."""
+    """Redis transport: an unacknowledged task is redelivered this many seconds after its
+    worker was last seen alive (a live worker refreshes its messages while it renews its
+    leases, so this need not exceed the longest job)."""
     requeue_after_s: float = 60.0
     """Listener side: ledger rows still RECEIVED after this many seconds are enqueued again
     (covers a broker that was down when the image arrived)."""
@@ -192,6 +193,11 @@ class WorkerSettings(_Section):
     """Listener side: how often the re-enqueue sweep runs."""
     task_time_limit_s: int = 1800
     """Hard time limit of one Celery task (the worker process is replaced after it)."""
+    lease_ttl_s: float = Field(default=15.0, gt=0.0)
+    """Celery: a worker holds a per-UID lease in Redis while it runs a job, renewed every
+    third of this (at most half of ``visibility_timeout_s``); a redelivered copy of a job
+    another live worker holds is dropped (a copy waits up to two TTLs to tell a live holder
+    from a dead one), and the listener's sweep leaves that row alone."""
 
 
 class Destination(_Section):

@@ -5,8 +5,12 @@ listener and the workers share ``data_dir`` (spool + ledger). Delivery is at lea
 ``task_acks_late`` + ``task_reject_on_worker_lost`` redeliver a task whose worker died,
 ``worker_prefetch_multiplier=1`` keeps waiting work in Redis (where other workers and the
 micro-batch collector can take it) and the Redis visibility timeout redelivers a task that
-was taken but never acknowledged. Workers are idempotent through the ledger, so a
-redelivered UID is analysed at most once more and sends the same result UIDs.
+was taken but never acknowledged. Redelivery is deduplicated (:mod:`workers.lease`): a
+worker runs a job only under that UID's lease in Redis, drops a copy of a job another live
+worker holds, and keeps its own messages from being redelivered while it is alive; the
+sweep publishes a row again only when neither a lease nor its publish marker says the job
+is still in Redis. Workers are also idempotent through the ledger, so a copy that arrives
+after the job finished is skipped and sends nothing new.
 
 The listener side (:class:`CeleryJobQueue`) imports no model code and never loses an
 image when Redis is down: a failed publish leaves the ledger row RECEIVED and a sweep
@@ -19,17 +23,19 @@ import argparse
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery
 
 from cxr_pipeline.errors import ConfigError
 from cxr_pipeline.ledger import JobRecord, JobState, Ledger
 from cxr_pipeline.settings import Settings, load_settings
+from workers.lease import KOMBU_UNACKED_INDEX, PublishMarks
 from workers.queue import ledger_path
 
 log = logging.getLogger(__name__)
@@ -102,6 +108,13 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
+def unacked_index_key(app: Celery) -> str:
+    """Name kombu's sorted set of unacknowledged messages for this app (with key prefix)."""
+    options = dict(app.conf.broker_transport_options or {})
+    prefix = str(options.get("global_keyprefix", ""))
+    return prefix + str(options.get("unacked_index_key", KOMBU_UNACKED_INDEX))
+
+
 def settings_from_app(app: Celery) -> Settings:
     """Return the settings a worker process was started with (carried in ``app.conf``)."""
     return Settings.model_validate_json(str(app.conf[SETTINGS_CONF_KEY]))
@@ -115,10 +128,11 @@ class CeleryJobQueue:
     again every ``worker.requeue_interval_s``. The sweep also re-publishes ledger rows
     that stayed RECEIVED longer than ``worker.requeue_after_s`` (e.g. the listener was
     restarted during an outage) and rows QUEUED/PROCESSING for longer than the
-    visibility timeout (the message was lost with a Redis that had no persistence),
-    restarting their clock so each is re-published once per period. Once the broker
-    answers again after an outage this queue saw, every QUEUED row is published again at
-    once (the restarted broker may have lost them). A publish makes one connection
+    visibility timeout whose message is gone (a Redis without persistence restarted):
+    rows whose UID has a live worker lease or a publish marker in Redis are left alone
+    (see :mod:`workers.lease`), so a backlog waiting behind slow workers is not copied
+    again and again. Once the broker answers again after an outage this queue saw, every
+    QUEUED row without a marker is published again at once. A publish makes one connection
     attempt, and while a backlog waits for the sweep new UIDs join it without one, so
     C-STORE handlers are never held up by a dead broker.
 
@@ -144,6 +158,7 @@ class CeleryJobQueue:
         options["max_retries"] = 0
         self.app.conf.broker_transport_options = options
         self.ledger = ledger if ledger is not None else Ledger(ledger_path(settings))
+        self.marks = PublishMarks(settings)
         self._retry: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -170,6 +185,7 @@ class CeleryJobQueue:
         except Exception as exc:  # kombu raises OperationalError and friends
             log.warning("broker unavailable, %s stays RECEIVED for re-enqueue: %s", uid, exc)
             return False
+        self.marks.published(uid)
         return True
 
     def enqueue(self, uid: str, spool_path: str | Path | None = None) -> None:
@@ -237,6 +253,11 @@ class CeleryJobQueue:
         now = time.time()
         records = {r.sop_instance_uid: r for r in self.ledger.unfinished()}
         wanted.update(uid for uid, r in records.items() if self._stale(r, now))
+        wanted -= self._still_in_redis(
+            uid
+            for uid in wanted
+            if uid in records and records[uid].state in (JobState.QUEUED, JobState.PROCESSING)
+        )
         published: list[str] = []
         for uid in sorted(wanted, key=lambda u: records[u].received_at if u in records else 0):
             record = records.get(uid)
@@ -260,18 +281,33 @@ class CeleryJobQueue:
             log.info("re-enqueued %d instance(s)", len(published))
         return published
 
+    def _still_in_redis(self, uids: Iterable[str]) -> set[str]:
+        """UIDs a live worker holds or whose message Redis still has (all, if it is down)."""
+        candidates = set(uids)
+        try:
+            return self.marks.busy(candidates)
+        except redis.RedisError:
+            return candidates  # no answer: publishing would fail anyway
+
     def _republish_queued(self, skip: set[str]) -> list[str]:
         """After an outage, publish every QUEUED row again.
 
         A broker that went down may have lost the messages it held (Redis without
         persistence restarts empty); waiting for the stale-row rule would delay those
-        images by the visibility timeout (an hour by default). Extra copies are harmless:
-        workers skip finished rows and result UIDs are deterministic.
+        images by the visibility timeout (an hour by default). Rows whose publish marker
+        or lease survived (Redis kept its data) are left alone; extra copies would be
+        harmless anyway: workers skip finished rows and result UIDs are deterministic.
         """
         published: list[str] = []
-        for record in self.ledger.unfinished():
+        queued = [
+            r
+            for r in self.ledger.unfinished()
+            if r.state == JobState.QUEUED and r.sop_instance_uid not in skip
+        ]
+        busy = self._still_in_redis(r.sop_instance_uid for r in queued)
+        for record in queued:
             uid = record.sop_instance_uid
-            if record.state != JobState.QUEUED or uid in skip:
+            if uid in busy:
                 continue
             if not self._publish_recorded(uid, record.spool_path):
                 return published  # down again: the flag stays set, retried next sweep
@@ -300,6 +336,7 @@ class CeleryJobQueue:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.app.close()
+        self.marks.close()
 
 
 @dataclass
@@ -316,6 +353,8 @@ def collect_waiting(app: Celery, settings: Settings, limit: int) -> Iterator[lis
 
     Messages are taken unacknowledged on a dedicated broker connection and acknowledged
     when the ``with`` block ends normally; if it raises they are put back on the queue.
+    An item the block removes from the yielded list is the block's to acknowledge or
+    reject.
     A message that is not an analysis task is put back at once.
 
     Parameters

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
@@ -43,10 +44,20 @@ from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.pipeline import Engine, analyse_radiograph
 from cxr_pipeline.settings import Settings
 from cxr_pipeline.spool import SUFFIX, Spool, write_durably
-from workers.celery_app import TASK_ANALYSE, collect_waiting, settings_from_app
+from workers.celery_app import (
+    TASK_ANALYSE,
+    Collected,
+    collect_waiting,
+    settings_from_app,
+    unacked_index_key,
+)
+from workers.lease import KOMBU_UNACKED_INDEX, LeaseKeeper
 from workers.queue import ledger_path, spool_root
 
 log = logging.getLogger(__name__)
+
+FINAL_STATES = frozenset({JobState.DONE, JobState.SKIPPED, JobState.FAILED})
+"""States after which a job's message is no longer needed in Redis."""
 
 
 @dataclass
@@ -56,15 +67,25 @@ class WorkerRuntime:
     settings: Settings
     ledger: Ledger
     spool: Spool
+    leases: LeaseKeeper | None = None
     _engine: Engine | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, settings: Settings) -> WorkerRuntime:
-        """Open the shared ledger and spool under ``settings.data_dir`` (no model yet)."""
+    def open(cls, settings: Settings, *, unacked_index: str | None = None) -> WorkerRuntime:
+        """Open the shared ledger and spool under ``settings.data_dir`` (no model yet).
+
+        With a broker URL the runtime also holds a :class:`~workers.lease.LeaseKeeper`
+        (``unacked_index``: kombu's unacked sorted set, see
+        :func:`workers.celery_app.unacked_index_key`).
+        """
+        leases = None
+        if settings.worker.broker_url is not None:
+            leases = LeaseKeeper(settings, unacked_index_key=unacked_index or KOMBU_UNACKED_INDEX)
         return cls(
             settings=settings,
             ledger=Ledger(ledger_path(settings)),
             spool=Spool(spool_root(settings)),
+            leases=leases,
         )
 
     @property
@@ -92,7 +113,7 @@ def runtime_for(app: Celery) -> WorkerRuntime:
     """Return this process's runtime, created from the app's settings on first use."""
     global _RUNTIME
     if _RUNTIME is None:
-        _RUNTIME = WorkerRuntime.open(settings_from_app(app))
+        _RUNTIME = WorkerRuntime.open(settings_from_app(app), unacked_index=unacked_index_key(app))
     return _RUNTIME
 
 
@@ -281,11 +302,78 @@ def register_tasks(app: Celery) -> Task:
     def analyse_instance(self: Task, uid: str, spool_path: str | None = None) -> str:
         """Analyse one spooled instance, batching with any others waiting in the queue."""
         runtime = runtime_for(self.app)
-        limit = max(runtime.settings.model.batch_size - 1, 0)
-        with collect_waiting(self.app, runtime.settings, limit) as extra:
-            if extra:
-                log.info("%s: batched with %d waiting instance(s)", uid, len(extra))
-            states = run_batch([uid, *(item.uid for item in extra)], runtime)
-        return states[uid].value
+        tag = (self.request.properties or {}).get("delivery_tag")
+        return run_leased(
+            uid, tag, runtime, lambda limit: collect_waiting(self.app, runtime.settings, limit)
+        )
 
     return cast(Task, analyse_instance)
+
+
+DROPPED = "duplicate"
+"""What the task returns for a copy of a job another live worker holds (not executed)."""
+
+
+def run_leased(
+    uid: str,
+    delivery_tag: Any,
+    runtime: WorkerRuntime,
+    collect: Callable[[int], AbstractContextManager[list[Collected]]],
+) -> str:
+    """Run the job of ``uid`` (and of waiting messages) under per-UID leases.
+
+    A message whose UID another worker holds is a redelivered copy. The task message waits
+    for that lease (:meth:`~workers.lease.LeaseKeeper.takeover_wait_s`): still renewed, the
+    holder is alive and the copy is acknowledged without running anything (logged "copy
+    dropped"); expired, its holder died and this worker takes the job over. A collected
+    copy is put back on the queue at once. Every job that reaches a
+    final state has its publish marker deleted, and its lease is released before its
+    message is acknowledged.
+
+    Parameters
+    ----------
+    uid, delivery_tag
+        The task message's UID and delivery tag (None when unknown).
+    runtime
+        The worker process's runtime (``runtime.leases`` None: no deduplication).
+    collect
+        ``limit -> context manager`` yielding further waiting messages
+        (:func:`workers.celery_app.collect_waiting`).
+
+    Returns
+    -------
+    str
+        The final :class:`JobState` value of ``uid``, or :data:`DROPPED`.
+    """
+    leases = runtime.leases
+    if leases is not None and not leases.acquire(
+        uid, delivery_tag, wait_s=leases.takeover_wait_s()
+    ):
+        log.info("%s: held by another live worker, copy dropped", uid)
+        return DROPPED
+    taken = [uid]
+    try:
+        limit = max(runtime.settings.model.batch_size - 1, 0)
+        with collect(limit) as extra:
+            for item in list(extra):
+                if leases is None or leases.acquire(item.uid, item.message.delivery_tag):
+                    taken.append(item.uid)
+                else:
+                    # Not waited for here (it would hold the batch up): back to the queue,
+                    # where a task of its own waits for the lease (and takes it over or
+                    # drops the copy).
+                    item.message.reject(requeue=True)
+                    extra.remove(item)
+                    log.info("%s: held by another worker, copy put back", item.uid)
+            if len(taken) > 1:
+                log.info("%s: batched with %d waiting instance(s)", uid, len(taken) - 1)
+            states = run_batch(taken, runtime)
+            if leases is not None:
+                for done_uid, state in states.items():
+                    if state in FINAL_STATES:
+                        leases.finished(done_uid)
+    finally:
+        if leases is not None:
+            for held in dict.fromkeys(taken):
+                leases.release(held)
+    return states[uid].value

@@ -107,9 +107,16 @@ def test_worker_killed_while_holding_tasks_another_worker_finishes(
     row = tally.evaluate(ledger, pacs)
     assert row["lost"] == 0 and row["duplicates"] == 0, row
     assert row["delivered"] == len(datasets)
-    # Redelivered copies are few (before the fix the sweep re-published every waiting
-    # row on every sweep: hundreds of copies).
-    assert log_b.read_text().count("already done, skipping") <= 2 * len(datasets)
+    # Redelivered copies: every message worker A held comes back once (kombu restores it
+    # after the visibility timeout), and nothing else makes copies: the sweep publishes no
+    # row whose message is still in Redis or whose job B holds under its lease, and B's
+    # own messages are not redelivered while it runs, however slow the machine (before
+    # the leases the copies grew with B's job time: 14 on a loaded machine). No job ran
+    # more than once after A's attempt.
+    text = log_b.read_text()
+    copies = text.count("already done, skipping") + text.count("copy dropped")
+    assert copies <= len(datasets), copies
+    assert all(r is not None and r.attempts <= 2 for r in rows.values()), rows
     assert_no_phi(listener_log, log_a, log_b)
 
 

@@ -22,6 +22,7 @@ import pydicom
 import pydicom.errors
 from pydicom.dataset import Dataset
 
+from cxr_pipeline import metrics
 from cxr_pipeline.codes import SopClass
 from cxr_pipeline.errors import CxrError, Reason, RejectedInput, SendError
 from cxr_pipeline.ledger import JobRecord, JobState, Ledger
@@ -33,6 +34,10 @@ from cxr_pipeline.spool import SUFFIX, Spool, write_durably
 log = logging.getLogger(__name__)
 
 Sleep = Callable[[float], None]
+
+KEPT_LOCALLY = "kept locally: no destination configured"
+"""Reason of a DONE row whose results were kept in the spool's ``kept/`` folder because
+neither ``send.destinations`` nor ``send.known_peers`` is set (a fresh install)."""
 
 
 class JobInterrupted(Exception):
@@ -111,11 +116,13 @@ def send_with_retries(
     delays = backoff_delays(settings)
     for attempt in range(1, max(settings.max_attempts, 1) + 1):
         try:
-            send_datasets(datasets, destination, settings)
+            with metrics.STAGE_SECONDS.labels(stage="send").time():
+                send_datasets(datasets, destination, settings)
             return
         except SendError as exc:
             if attempt > len(delays):
                 raise
+            metrics.SEND_RETRIES.inc()
             log.warning(
                 "send attempt %d/%d to %s failed (%s); retrying in %.1f s",
                 attempt,
@@ -172,6 +179,7 @@ def _results(
         spool.clear_outbox(uid)
     with lock if lock is not None else contextlib.nullcontext():
         analysis = analyse(spool.path_for(uid), engine)
+    metrics.observe_timings(analysis.timings_ms)
     log.info(
         "%s analysed: positive=%s timings_ms=%s",
         uid,
@@ -231,7 +239,8 @@ def process_job(
     try:
         datasets = _results(record, engine, spool, analyse_lock)
         destinations = destinations_for(record, settings.send)
-        if not destinations:
+        if not destinations and settings.send.known_peers:
+            # A routing table exists but does not know this sender: a configuration error.
             # Results stay in the outbox; fix the settings, then ``cxr-status --requeue-failed``.
             raise SendError(
                 f"no destination: send.destinations is empty and calling AE "
@@ -245,25 +254,35 @@ def process_job(
         return JobState.QUEUED
     except RejectedInput as exc:
         ledger.mark(uid, JobState.SKIPPED, reason=str(exc))
+        metrics.SKIPPED.labels(reason=exc.reason.value).inc()
         log.info("%s skipped: %s", uid, exc.reason.value)
         _tidy(spool, uid, settings)
         return JobState.SKIPPED
     except CxrError as exc:
         ledger.mark(uid, JobState.FAILED, reason=str(exc))
+        metrics.JOBS_FAILED.labels(reason=exc.reason.value).inc()
         log.error("%s failed (attempt %d): %s", uid, attempt, exc)
         return JobState.FAILED
     except Exception as exc:
         # Exception messages from third-party code may quote header values: record and log
         # only the type; the traceback goes to DEBUG.
         ledger.mark(uid, JobState.FAILED, reason=f"{Reason.INTERNAL.value}: {type(exc).__name__}")
+        metrics.JOBS_FAILED.labels(reason=Reason.INTERNAL.value).inc()
         log.error("%s failed (attempt %d): unexpected %s", uid, attempt, type(exc).__name__)
         log.debug("%s traceback", uid, exc_info=True)
         return JobState.FAILED
     result_uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    ledger.mark(uid, JobState.DONE, result_uids=result_uids)
-    spool.clear_outbox(uid)
+    if destinations:
+        ledger.mark(uid, JobState.DONE, result_uids=result_uids)
+        metrics.JOBS_DONE.labels(outcome="sent").inc()
+        spool.clear_outbox(uid)
+        log.info("%s done: %d results sent", uid, len(result_uids))
+    else:
+        kept = spool.keep_results(uid)
+        ledger.mark(uid, JobState.DONE, reason=KEPT_LOCALLY, result_uids=result_uids)
+        metrics.JOBS_DONE.labels(outcome="kept").inc()
+        log.info("%s done: %d results kept in %s (no destination)", uid, len(result_uids), kept)
     _tidy(spool, uid, settings)
-    log.info("%s done: %d results sent", uid, len(result_uids))
     return JobState.DONE
 
 

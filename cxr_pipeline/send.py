@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -64,6 +65,36 @@ def _as_accepted(ds: Dataset, accepted: set[str]) -> Dataset:
     except Exception as exc:  # pydicom raises several types for undecodable pixel data
         raise SendError(f"cannot decompress {ds.SOPInstanceUID} for sending: {exc}") from exc
     return plain
+
+
+def describe_routing(settings: SendSettings, kept_dir: Path) -> str:
+    """Say in one line where results will go (printed when a service starts).
+
+    Parameters
+    ----------
+    settings
+        Send settings.
+    kept_dir
+        Where results are kept when there is no destination at all.
+
+    Returns
+    -------
+    str
+        For people; contains AE titles, hosts and ports only.
+    """
+    if settings.destinations:
+        peers = ", ".join(f"{d.ae_title}@{d.host}:{d.port}" for d in settings.destinations)
+        return f"results are sent to {peers}"
+    if settings.known_peers:
+        peers = ", ".join(f"{d.ae_title}@{d.host}:{d.port}" for d in settings.known_peers)
+        return (
+            f"results are sent back to the sending AE when it is a known peer ({peers}); "
+            "images from other AEs fail with send_failed"
+        )
+    return (
+        f"results are kept locally in {kept_dir} (no destination configured: "
+        "use --send-to AE@host:port or send.destinations)"
+    )
 
 
 def send_datasets(

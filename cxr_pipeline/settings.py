@@ -208,6 +208,37 @@ class Destination(_Section):
     port: int
 
 
+def parse_destination(text: str, *, option: str = "--send") -> Destination:
+    """Parse ``AE@host:port`` (a command-line destination) into a :class:`Destination`.
+
+    Parameters
+    ----------
+    text
+        For example ``ORTHANC@127.0.0.1:4242``.
+    option
+        The option's name, quoted in the error message.
+
+    Returns
+    -------
+    Destination
+        The peer.
+
+    Raises
+    ------
+    ConfigError
+        Not of that form, the port is not a number in 1..65535, or the AE title is longer
+        than 16 characters.
+    """
+    ae_title, at, address = text.partition("@")
+    host, colon, port_text = address.rpartition(":")
+    if not (at and colon and ae_title and host and port_text.isdigit()):
+        raise ConfigError(f"{option} wants AE@host:port, got {text!r}")
+    port = int(port_text)
+    if not 0 < port < 65536 or len(ae_title) > 16:
+        raise ConfigError(f"{option} {text!r}: port must be 1-65535 and AE title <= 16 chars")
+    return Destination(ae_title=ae_title, host=host, port=port)
+
+
 class SendSettings(_Section):
     """C-STORE SCU of results."""
 
@@ -224,6 +255,17 @@ class SendSettings(_Section):
     """Longest wait between attempts."""
     timeout_s: float = Field(default=30.0, gt=0.0)
     """Association, DIMSE and network timeout of each attempt."""
+
+
+class MetricsSettings(_Section):
+    """Prometheus ``/metrics`` and ``/healthz`` of the listener and of each worker."""
+
+    host: str = "127.0.0.1"
+    """Address the metrics endpoint binds (loopback by default: expose it deliberately)."""
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """TCP port of the listener's endpoint; None: no endpoint. 0 lets the system pick one."""
+    worker_port: int | None = Field(default=None, ge=0, le=65535)
+    """TCP port of a ``cxr-worker``'s endpoint; None: no endpoint."""
 
 
 class BatchSettings(_Section):
@@ -275,6 +317,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     send: SendSettings = Field(default_factory=SendSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -10,6 +10,7 @@ Layout under ``root``::
 
     incoming/<SOPInstanceUID>.dcm        received objects
     outbox/<SOPInstanceUID>/*.dcm        result objects (SR, SC) until they are sent
+    kept/<SOPInstanceUID>/*.dcm          results kept here because no destination is configured
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _MAX_UID_LENGTH = 64
 
 INCOMING_DIR = "incoming"
 OUTBOX_DIR = "outbox"
+KEPT_DIR = "kept"
 SUFFIX = ".dcm"
 _TMP_PREFIX = ".tmp-"
 _TMP_SUFFIX = ".part"
@@ -117,6 +119,7 @@ class Spool:
         self.root = Path(root)
         self.incoming = self.root / INCOMING_DIR
         self.outbox = self.root / OUTBOX_DIR
+        self.kept = self.root / KEPT_DIR
         self.incoming.mkdir(parents=True, exist_ok=True)
         self.outbox.mkdir(parents=True, exist_ok=True)
 
@@ -174,6 +177,39 @@ class Spool:
     def clear_outbox(self, sop_instance_uid: str) -> None:
         """Delete the outbox folder of this source object (after its results were sent)."""
         shutil.rmtree(self.outbox / validate_uid(sop_instance_uid), ignore_errors=True)
+
+    def keep_results(self, sop_instance_uid: str) -> Path:
+        """Move the outbox of this source object to ``kept/`` (no destination to send to).
+
+        One ``rename`` of the folder, so the set is never half moved; a set kept earlier for
+        the same UID (the same deterministic result UIDs) is replaced.
+
+        Parameters
+        ----------
+        sop_instance_uid
+            The source object's SOP Instance UID.
+
+        Returns
+        -------
+        Path
+            The folder now holding the result files.
+        """
+        uid = validate_uid(sop_instance_uid)
+        self.kept.mkdir(parents=True, exist_ok=True)
+        target = self.kept / uid
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(self.outbox / uid, target)
+        _fsync_directory(self.kept)
+        _fsync_directory(self.outbox)
+        return target
+
+    def kept_files(self, sop_instance_uid: str) -> list[Path]:
+        """List the result files kept for this source object, sorted by name."""
+        folder = self.kept / validate_uid(sop_instance_uid)
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.suffix == SUFFIX and p.is_file())
 
     def remove(self, sop_instance_uid: str) -> None:
         """Delete the spooled object and its outbox; missing files are ignored."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
+from cxr_pipeline import metrics
 from cxr_pipeline.codes import DimseStatus
 from cxr_pipeline.errors import InvalidUid, RejectedInput
 from cxr_pipeline.ingest import check_chest_radiograph
@@ -48,6 +49,13 @@ class StoreHandler:
 
     def __call__(self, event: Event) -> int:
         """Handle ``evt.EVT_C_STORE``; return the C-STORE status."""
+        metrics.RECEIVED.inc()
+        status = self._status(event)
+        if status != DimseStatus.SUCCESS:
+            metrics.REFUSED.labels(status=f"0x{int(status):04X}").inc()
+        return status
+
+    def _status(self, event: Event) -> int:
         uid = "?"
         try:
             uid = validate_uid(str(getattr(event.request, "AffectedSOPInstanceUID", "")))
@@ -117,11 +125,13 @@ class StoreHandler:
             return self._known(uid)
         if rejection is not None:
             self.ledger.mark(uid, JobState.SKIPPED, reason=str(rejection))
+            metrics.SKIPPED.labels(reason=rejection.reason.value).inc()
             log.info("%s from %s skipped: %s", uid, calling_ae, rejection.reason.value)
             if not self.settings.listener.keep_received_files:
                 self.spool.remove(uid)
             return DimseStatus.SUCCESS
         self.queue.enqueue(uid)
+        metrics.ACCEPTED.inc()
         log.info("%s from %s received and queued", uid, calling_ae)
         return DimseStatus.SUCCESS
 

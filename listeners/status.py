@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
 
 from cxr_pipeline.errors import CxrError
@@ -32,6 +34,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--requeue-failed", action="store_true", help="move FAILED jobs back to RECEIVED"
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="keep the tables on screen, refreshed every SECONDS (default 2) until Ctrl-C",
+    )
     return parser.parse_args(argv)
 
 
@@ -53,6 +63,41 @@ def _time(stamp: float) -> str:
     return dt.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def tables(counts: dict[JobState, int], recent: Sequence[JobRecord]) -> Group:
+    """Build the counts table and the recent-rows table.
+
+    Parameters
+    ----------
+    counts
+        Rows per state.
+    recent
+        Most recent rows.
+
+    Returns
+    -------
+    rich.console.Group
+        Both tables, ready to print or to show live.
+    """
+    totals = Table(title="jobs by state")
+    totals.add_column("state")
+    totals.add_column("count", justify="right")
+    for state in JobState:
+        totals.add_row(state.value, str(counts[state]))
+    rows = Table(title=f"{len(recent)} most recent")
+    for column in ("updated", "SOP Instance UID", "calling AE", "state", "tries", "reason"):
+        rows.add_column(column, overflow="fold")
+    for r in recent:
+        rows.add_row(
+            _time(r.updated_at),
+            r.sop_instance_uid,
+            r.calling_ae,
+            r.state.value,
+            str(r.attempts),
+            r.reason or "",
+        )
+    return Group(totals, rows)
+
+
 def render(
     counts: dict[JobState, int],
     recent: Sequence[JobRecord],
@@ -72,27 +117,32 @@ def render(
     console
         Where to print.
     """
-    totals = Table(title="jobs by state")
-    totals.add_column("state")
-    totals.add_column("count", justify="right")
-    for state in JobState:
-        totals.add_row(state.value, str(counts[state]))
-    console.print(totals)
-    rows = Table(title=f"{len(recent)} most recent")
-    for column in ("updated", "SOP Instance UID", "calling AE", "state", "tries", "reason"):
-        rows.add_column(column, overflow="fold")
-    for r in recent:
-        rows.add_row(
-            _time(r.updated_at),
-            r.sop_instance_uid,
-            r.calling_ae,
-            r.state.value,
-            str(r.attempts),
-            r.reason or "",
-        )
-    console.print(rows)
+    console.print(tables(counts, recent))
     if requeued is not None:
         console.print(f"requeued {len(requeued)} failed jobs")
+
+
+def watch(ledger: Ledger, limit: int, interval_s: float, console: Console) -> None:
+    """Show the tables live, refreshed from the ledger every ``interval_s``, until Ctrl-C.
+
+    Parameters
+    ----------
+    ledger
+        The listener's ledger (read only).
+    limit
+        Recent rows shown.
+    interval_s
+        Seconds between refreshes.
+    console
+        Where to draw.
+    """
+    with Live(tables(ledger.counts(), ledger.recent(limit)), console=console) as live:
+        try:
+            while True:
+                time.sleep(interval_s)
+                live.update(tables(ledger.counts(), ledger.recent(limit)))
+        except KeyboardInterrupt:
+            return
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     requeued = ledger.requeue_failed() if args.requeue_failed else None
     counts = ledger.counts()
     recent = ledger.recent(args.limit)
-    if args.json:
+    if args.watch is not None and not args.json:
+        watch(ledger, args.limit, max(args.watch, 0.2), console)
+    elif args.json:
         print(
             json.dumps(
                 {

@@ -31,7 +31,9 @@ from cxr_pipeline.codes import (
 )
 from cxr_pipeline.errors import CxrError
 from cxr_pipeline.ledger import Ledger
-from cxr_pipeline.settings import Settings, load_settings
+from cxr_pipeline.metrics import LedgerCollector, MetricsServer, start_metrics_server
+from cxr_pipeline.send import describe_routing
+from cxr_pipeline.settings import Settings, load_settings, parse_destination
 from cxr_pipeline.spool import Spool
 from listeners.handlers import StoreHandler, handle_echo
 from listeners.tls import server_context
@@ -96,16 +98,31 @@ class Service:
     queue: JobQueue
     ledger: Ledger
     spool: Spool
+    metrics: MetricsServer | None = None
 
     @property
     def port(self) -> int:
         """The TCP port actually bound (useful with port 0)."""
         return int(self.server.server_address[1])
 
+    def health(self) -> dict[str, bool]:
+        """Run the checks behind ``/healthz``: listening, ledger readable, spool space."""
+        sock = self.server.socket
+        serving = sock is not None and sock.fileno() >= 0
+        try:
+            self.ledger.counts()
+            ledger_ok = True
+        except Exception:  # any database error makes the listener unhealthy
+            ledger_ok = False
+        space = self.spool.free_bytes() >= self.settings.listener.min_free_bytes
+        return {"listening": serving, "ledger": ledger_ok, "spool_space": space}
+
     def stop(self) -> None:
         """Stop accepting associations, then let the queue finish and close."""
         self.server.shutdown()
         self.queue.close()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Service:
@@ -159,6 +176,19 @@ def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Servi
     if server is None:  # only when block=True
         raise RuntimeError("pynetdicom returned no server")
     service = Service(settings=settings, server=server, queue=queue, ledger=ledger, spool=spool)
+    endpoint = settings.metrics
+    if endpoint.port is not None:
+        try:
+            service.metrics = start_metrics_server(
+                endpoint.host,
+                endpoint.port,
+                service.health,
+                collectors=[LedgerCollector(ledger, spool.free_bytes)],
+            )
+        except BaseException:
+            service.stop()
+            raise
+        log.info("metrics on http://%s:%d/metrics", endpoint.host, service.metrics.port)
     log.info(
         "listening as %s on %s:%d (tls=%s, queue=%s)",
         listener.ae_title,
@@ -167,6 +197,7 @@ def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Servi
         listener.tls.enabled,
         type(queue).__name__,
     )
+    log.info("%s", describe_routing(settings.send, spool.kept))
     return service
 
 
@@ -180,7 +211,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help="TOML settings file (default: $CXR_CONFIG)")
     parser.add_argument("--data-dir", type=Path, help="spool, ledger and outbox root")
     parser.add_argument("--broker", help="Celery broker URL (default: embedded workers)")
+    parser.add_argument(
+        "--send-to",
+        action="append",
+        metavar="AE@HOST:PORT",
+        help="send results here (repeatable; replaces send.destinations). "
+        "Default: send.destinations, else back to a known sending peer, else kept locally",
+    )
     parser.add_argument("--log-level", help="logging level (default: log_level)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics and /healthz on this port (default: metrics.port)",
+    )
     return parser.parse_args(argv)
 
 
@@ -209,8 +252,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         overrides["data_dir"] = args.data_dir
     if args.broker is not None:
         overrides["worker"] = {"broker_url": args.broker}
+    if args.send_to:
+        destinations = [parse_destination(t, option="--send-to") for t in args.send_to]
+        overrides["send"] = {"destinations": [d.model_dump() for d in destinations]}
     if args.log_level is not None:
         overrides["log_level"] = args.log_level
+    if args.metrics_port is not None:
+        overrides["metrics"] = {"port": args.metrics_port}
     return load_settings(args.config, **overrides)
 
 
@@ -252,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     # Machines and tests parse this line to know the listener is ready.
     print(f"cxr-listen ready on port {service.port}", flush=True)
+    print(f"cxr-listen: {describe_routing(settings.send, service.spool.kept)}", flush=True)
+    if service.metrics is not None:
+        where = f"http://{settings.metrics.host}:{service.metrics.port}"
+        print(f"cxr-listen: metrics on {where}/metrics, health on {where}/healthz", flush=True)
     stop.wait()
     log.info("shutting down")
     service.stop()

@@ -20,6 +20,7 @@ from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.pipeline import Engine
 from cxr_pipeline.settings import Settings
 from cxr_pipeline.spool import Spool
+from cxr_pipeline.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,11 @@ class LocalWorkerPool:
         self.settings = settings
         self.ledger = ledger
         self.spool = spool
-        self.engine = engine if engine is not None else Engine.from_settings(settings)
+        if engine is None:
+            engine = Engine.from_settings(settings)
+            # highdicom's tables and the model's first passes: paid now, not on image one.
+            warm_up(engine)
+        self.engine = engine
         self._sleep = sleep if sleep is not None else self._interruptible_sleep
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._pending: set[str] = set()

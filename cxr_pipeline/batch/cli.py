@@ -36,29 +36,11 @@ from rich.text import Text
 from cxr_pipeline.batch import FORK_SERVER_PRELOAD
 from cxr_pipeline.batch.report import Row, Status, Summary
 from cxr_pipeline.errors import ConfigError, CxrError
-from cxr_pipeline.settings import Destination, load_settings
+from cxr_pipeline.settings import load_settings, parse_destination
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-def parse_destination(text: str) -> Destination:
-    """Parse ``AE@host:port`` into a :class:`Destination`.
-
-    Raises
-    ------
-    ConfigError
-        Not of that form, or the port is not a number in 1..65535.
-    """
-    ae_title, at, address = text.partition("@")
-    host, colon, port_text = address.rpartition(":")
-    if not (at and colon and ae_title and host and port_text.isdigit()):
-        raise ConfigError(f"--send wants AE@host:port, got {text!r}")
-    port = int(port_text)
-    if not 0 < port < 65536 or len(ae_title) > 16:
-        raise ConfigError(f"--send {text!r}: port must be 1-65535 and AE title <= 16 chars")
-    return Destination(ae_title=ae_title, host=host, port=port)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,6 @@ import pydicom
 import pytest
 
 from cxr_pipeline.batch.cli import main as cli_main
-from cxr_pipeline.batch.cli import parse_destination
 from cxr_pipeline.batch.decode import model_max_side
 from cxr_pipeline.batch.report import (
     COLUMNS,
@@ -34,7 +33,7 @@ from cxr_pipeline.errors import ConfigError
 from cxr_pipeline.inference import Predictor
 from cxr_pipeline.ingest import load_picture, load_radiograph
 from cxr_pipeline.preprocess import preprocess
-from cxr_pipeline.settings import Destination, Settings, load_settings
+from cxr_pipeline.settings import Destination, Settings, load_settings, parse_destination
 from tests.conftest import testdata as data_file
 from tests.support.batch_tree import build_tree
 

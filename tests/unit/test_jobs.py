@@ -9,9 +9,10 @@ import pydicom
 import pytest
 
 from cxr_pipeline.codes import DimseStatus, SopClass
-from cxr_pipeline.jobs import backoff_delays, destinations_for, process_job
+from cxr_pipeline.jobs import KEPT_LOCALLY, backoff_delays, destinations_for, process_job
 from cxr_pipeline.ledger import JobRecord, JobState, Ledger
 from cxr_pipeline.pipeline import Engine
+from cxr_pipeline.send import describe_routing
 from cxr_pipeline.settings import Destination, SendSettings, Settings, load_settings
 from cxr_pipeline.spool import Spool
 from tests.conftest import testdata as data_file
@@ -132,16 +133,45 @@ def test_send_failure_retries_with_backoff_then_fails_and_keeps_results(
     assert service.spool.outbox_files(uid) == []
 
 
-def test_unknown_sender_without_destination_fails_with_results_in_outbox(
+def test_unknown_sender_with_known_peers_fails_with_results_in_outbox(
     base_engine: Engine, service: Service, tmp_path: Path
 ) -> None:
     uid = service.receive("RG1_UNCR.dcm", calling_ae="STRANGER")
-    engine = _engine(base_engine, tmp_path)
+    peers = [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}]
+    engine = _engine(base_engine, tmp_path, known_peers=peers)
     assert process_job(uid, engine, service.ledger, service.spool) is JobState.FAILED
     record = service.ledger.get(uid)
     assert record is not None and record.reason is not None
     assert "STRANGER" in record.reason and "known_peers" in record.reason
     assert len(service.spool.outbox_files(uid)) == 2
+
+
+def test_no_destination_at_all_keeps_results_locally_and_is_done(
+    base_engine: Engine, service: Service, tmp_path: Path
+) -> None:
+    uid = service.receive("RG1_UNCR.dcm", calling_ae="MYPACS")
+    engine = _engine(base_engine, tmp_path)
+    assert process_job(uid, engine, service.ledger, service.spool) is JobState.DONE
+    record = service.ledger.get(uid)
+    assert record is not None and record.reason == KEPT_LOCALLY
+    kept = service.spool.kept_files(uid)
+    assert sorted(p.stem for p in kept) == sorted(record.result_uids)
+    assert {str(pydicom.dcmread(p).SOPClassUID) for p in kept} == {
+        SopClass.COMPREHENSIVE_3D_SR,
+        SopClass.SECONDARY_CAPTURE,
+    }
+    assert service.spool.outbox_files(uid) == []
+    # The same image again (e.g. re-sent): still done, the kept set unchanged.
+    assert process_job(uid, engine, service.ledger, service.spool) is JobState.DONE
+    assert service.spool.kept_files(uid) == kept
+
+
+def test_describe_routing_names_where_results_go(tmp_path: Path) -> None:
+    peer = Destination(ae_title="ORTHANC", host="127.0.0.1", port=4242)
+    assert "ORTHANC@127.0.0.1:4242" in describe_routing(SendSettings(destinations=[peer]), tmp_path)
+    assert "known peer" in describe_routing(SendSettings(known_peers=[peer]), tmp_path)
+    local = describe_routing(SendSettings(), tmp_path / "kept")
+    assert "kept locally" in local and str(tmp_path / "kept") in local and "--send-to" in local
 
 
 def test_unreadable_spool_file_fails_cleanly(

@@ -179,6 +179,39 @@ def test_cxr_status_reports_and_requeues(
     assert {r["sop_instance_uid"] for r in report["recent"]} == {_uid(i) for i in range(3)}
 
 
+def test_cxr_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    _record(ledger, 0)
+    repo = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "listeners.status", "--data-dir", str(tmp_path), "--watch", "0.2"],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # A row that changes while it watches (the process polls every 0.2 s; it imports no
+        # torch, so it is watching well within these waits even on a slow machine).
+        time.sleep(5.0)
+        ledger.mark(_uid(0), JobState.FAILED, reason="send_failed: refused")
+        time.sleep(3.0)
+        assert process.poll() is None, process.communicate()  # still watching
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "jobs by state" in out and _uid(0) in out
+    assert "send_failed: refused" in out  # the last refresh shows the change
+
+
 def test_connections_of_finished_threads_are_released(tmp_path: Path) -> None:
     import gc
     import sqlite3

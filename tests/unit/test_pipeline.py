@@ -91,3 +91,14 @@ def test_command_line_writes_results(
     assert status == EXIT_REJECTED
     printed = json.loads(capsys.readouterr().out)
     assert printed["reason"] == "not_chest_radiograph"
+
+
+def test_warm_up_analyses_a_generated_chest_radiograph(tiny_checkpoint: Path) -> None:
+    from cxr_pipeline.ingest import check_chest_radiograph
+    from cxr_pipeline.settings import IngestSettings
+    from cxr_pipeline.warmup import synthetic_radiograph, warm_up
+
+    ds = synthetic_radiograph()
+    check_chest_radiograph(ds, IngestSettings())  # passes the default policy as is
+    settings = load_settings(model={"checkpoint": str(tiny_checkpoint), "device": "cpu"})
+    assert warm_up(Engine.from_settings(settings)) > 0

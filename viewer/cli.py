@@ -9,6 +9,10 @@ What listens where (defaults):
   ``cxr-listen`` to send results to; it accepts only the AE titles given with
   ``--allow-ae`` (default ``CXR_PIPELINE``, ``STORESCU``) from 127.0.0.1.
   ``--no-dicom`` turns it off.
+
+``--orthanc-url http://orthanc:8042`` serves OHIF against an Orthanc that already runs
+(with its DICOMweb plugin at ``/dicom-web``) instead of starting one: the compose file's
+``ohif`` service does this.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import threading
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from viewer.orthanc import RunningOrthanc, dicom_files, start_orthanc
 from viewer.server import Upstream, ViewerServer
@@ -56,7 +60,36 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=Path("var/viewer"), help="Orthanc storage (var/viewer)"
     )
     parser.add_argument("--ohif-dir", type=Path, default=DEFAULT_OHIF_DIR, help="OHIF dist/")
+    parser.add_argument(
+        "--orthanc-url",
+        help="use this running Orthanc (http://host:port, DICOMweb at /dicom-web) instead",
+    )
     return parser
+
+
+def _upstream(url: str) -> Upstream:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"--orthanc-url must be http://host:port, got {url!r}")
+    return Upstream(parts.hostname, parts.port or 80)
+
+
+def _serve_external(args: argparse.Namespace) -> int:
+    """Serve OHIF against an Orthanc someone else runs."""
+    try:
+        server = ViewerServer(args.ohif_dir, _upstream(args.orthanc_url), args.host, args.port)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(f"cxr-viewer: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server.start()
+    print(f"OHIF v3 viewer:  {server.url}/  (DICOMweb proxied to {args.orthanc_url}/dicom-web)")
+    sys.stdout.flush()
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    server.stop()
+    return 0
 
 
 def _load(orthanc: RunningOrthanc, paths: Sequence[Path]) -> list[str]:
@@ -84,6 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the viewer until interrupted (Ctrl-C or SIGTERM)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.orthanc_url:
+        if args.load:
+            print("cxr-viewer: files load only into the Orthanc it starts", file=sys.stderr)
+            return 2
+        return _serve_external(args)
     missing = [str(p) for p in args.load if not p.exists()]
     if missing:
         print(f"cxr-viewer: no such file or folder: {', '.join(missing)}", file=sys.stderr)

@@ -160,3 +160,13 @@ def test_upstream_down_is_a_bad_gateway(ohif_dir: Path) -> None:
 def test_missing_ohif_build_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="scripts/setup"):
         ViewerServer(tmp_path, Upstream("127.0.0.1", 9))
+
+
+def test_orthanc_url_must_be_plain_http_host_and_port() -> None:
+    from viewer.cli import _upstream
+
+    assert _upstream("http://orthanc:8042") == Upstream("orthanc", 8042)
+    assert _upstream("http://127.0.0.1") == Upstream("127.0.0.1", 80)
+    for bad in ("https://orthanc:8042", "http://orthanc:8042/dicom-web", "orthanc:8042"):
+        with pytest.raises(ValueError):
+            _upstream(bad)

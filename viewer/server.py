@@ -192,7 +192,10 @@ class ViewerServer:
         self._httpd = ThreadingHTTPServer((host, port), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="cxr-viewer-http", daemon=True
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},  # stop() returns within 0.1 s
+            name="cxr-viewer-http",
+            daemon=True,
         )
 
     @property

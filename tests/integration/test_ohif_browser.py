@@ -67,7 +67,9 @@ def _require_setup() -> None:
         pytest.skip(str(exc))
 
 
-def test_ohif_shows_the_sr_finding_and_the_heatmap(shared_dicom_dir: Path, tmp_path: Path) -> None:
+def test_ohif_shows_the_sr_finding_and_the_heatmap(
+    shared_dicom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     chromium, node = _chromium(), _node()
     _require_setup()
     started = time.monotonic()
@@ -119,8 +121,9 @@ def test_ohif_shows_the_sr_finding_and_the_heatmap(shared_dicom_dir: Path, tmp_p
         if server is not None:
             server.stop()
         orthanc.stop()
-    print(f"\nOHIF screenshots: {ARTIFACTS} (study.png, sr.png, sc.png)")
-    print(f"browser part {browser_s:.1f} s, whole test {time.monotonic() - started:.1f} s")
+    with capsys.disabled():  # shown even when the test passes
+        print(f"\nOHIF screenshots: {ARTIFACTS} (study.png, sr.png, sc.png, result.json)")
+        print(f"browser part {browser_s:.1f} s, whole test {time.monotonic() - started:.1f} s")
     lines = run.stdout.strip().splitlines()
     assert lines, f"ohif_check printed nothing (exit {run.returncode}):\n{run.stderr}"
     result = json.loads(lines[-1])

@@ -57,7 +57,7 @@ class _FakeOrthanc(BaseHTTPRequestHandler):
 @pytest.fixture
 def upstream() -> Iterator[Upstream]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOrthanc)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.1,), daemon=True)
     thread.start()
     try:
         yield Upstream("127.0.0.1", int(httpd.server_address[1]))

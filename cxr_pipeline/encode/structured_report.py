@@ -257,7 +257,8 @@ def build_structured_report(
             evidence=[without_person_names(evidence)],
             content=report,
             series_instance_uid=series_uid(
-                ResultUid.SR_SERIES, ref.study_instance_uid, card.device_uid
+                # One SR per series: OHIF v3 displays only the newest SR of a series.
+                ResultUid.SR_SERIES, ref.sop_instance_uid, card.device_uid
             ),
             series_number=settings.sr_series_number,
             sop_instance_uid=instance_uid(

@@ -167,7 +167,9 @@ def test_uids_are_deterministic_per_image_and_model(
     second_image.SOPInstanceUID = rg1_header.SOPInstanceUID + ".2"
     sibling = build_structured_report(second_image, Finding(0.7, 0.5), card, settings)
     assert sibling.SOPInstanceUID != first.SOPInstanceUID
-    assert sibling.SeriesInstanceUID == first.SeriesInstanceUID
+    # Each image's SR has its own series: OHIF v3 shows only the newest SR of a series.
+    assert sibling.SeriesInstanceUID != first.SeriesInstanceUID
+    assert sibling.SeriesNumber == first.SeriesNumber
 
 
 @pytest.mark.parametrize("name", SHARED_DICOMS)

@@ -140,6 +140,26 @@ PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
 """Purpose of Reference of the Contributing Equipment item describing the algorithm
 (IHE AI Results: the AI model is processing equipment, its weights have the Device UID)."""
 
+UCUM_PERCENT = Code("%", "UCUM", "percent")
+"""UCUM percent: the probability as the viewers' text line shows it (two decimals)."""
+
+DISPLAY_CODING_SCHEME = "99CXRPL"
+"""Private coding scheme (PS3.16 8.2: "99" prefix) of the concepts below, declared in
+every SR's Coding Scheme Identification Sequence."""
+DISPLAY_CODING_SCHEME_NAME = "cxr-pipeline result display concepts"
+
+PROBABILITY_COVID19_PRESENT = Code(
+    "CXRPL001", DISPLAY_CODING_SCHEME, "COVID-19 Present, probability"
+)
+"""NUM concept of the salient-region group when the decision is Present.
+
+OHIF v3 prints a measurement group as "concept meaning: value unit" lines and never shows
+qualitative evaluations, so the decision travels in the concept's meaning. The standard
+image-level finding (COVID-19 = Present/Absent, Certainty of Finding in UCUM "1") stays
+in the same SR for every other consumer."""
+PROBABILITY_COVID19_ABSENT = Code("CXRPL002", DISPLAY_CODING_SCHEME, "COVID-19 Absent, probability")
+"""NUM concept of the salient-region group when the decision is Absent."""
+
 SOURCE_IMAGE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
 """Purpose of Reference (CID 7202) of the Secondary Capture's Source Image Sequence item."""
 

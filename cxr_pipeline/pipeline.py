@@ -107,7 +107,9 @@ def analyse_radiograph(
     with _timed(timings, "explain"):
         heatmap = heatmap_for_image(engine.predictor, image.pixels, settings.explain)
     with _timed(timings, "encode"):
-        sr = build_structured_report(image.header, finding, card, settings.output)
+        sr = build_structured_report(
+            image.header, finding, card, settings.output, heatmap=heatmap
+        )
         sc = build_secondary_capture(
             image.header, image.pixels, heatmap, finding, card, settings.output
         )

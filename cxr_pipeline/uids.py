@@ -4,8 +4,9 @@ A result UID is a ``2.25.<uuid>`` UID (PS3.5 B.2) whose name-based UUID (RFC 412
 version 5) is derived from what the result is about: the source image or study, the
 model's Device UID and the kind of UID. Analysing the same image twice with the same
 model therefore yields the same SR and SC UIDs, so a PACS stores the result once; a
-new model (new Device UID) yields new UIDs. All results of one model in one study
-share one SR series and one SC series.
+new model (new Device UID) yields new UIDs. All heatmap SCs of one model in one study
+share one SC series; each SR has a series of its own (OHIF v3 shows only the newest SR of
+a series, so SRs of two images in one series would hide one of them).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class ResultUid(StrEnum):
     """The kinds of UID the pipeline derives; each kind gives a different UID."""
 
     SR_SERIES = "sr-series"
-    """Series Instance UID of the SR series (parts: study UID, device UID)."""
+    """Series Instance UID of an SR's series (parts: source SOP Instance UID, device UID)."""
     SR_INSTANCE = "sr-instance"
     """SOP Instance UID of an SR (parts: source SOP Instance UID, device UID)."""
     SC_SERIES = "sc-series"
@@ -72,15 +73,16 @@ def result_uid(kind: ResultUid, *parts: str) -> str:
     return str(UID(f"2.25.{uuid.uuid5(_NAMESPACE, name).int}"))
 
 
-def series_uid(kind: ResultUid, study_instance_uid: str, device_uid: str) -> str:
-    """Series Instance UID shared by all results of one kind and model in one study.
+def series_uid(kind: ResultUid, scope_uid: str, device_uid: str) -> str:
+    """Series Instance UID of the results of one kind and model in one scope.
 
     Parameters
     ----------
     kind
         :attr:`ResultUid.SR_SERIES` or :attr:`ResultUid.SC_SERIES`.
-    study_instance_uid
-        Of the source image.
+    scope_uid
+        What the series collects: the source image's SOP Instance UID for the SR series
+        (one SR per series), its Study Instance UID for the SC series.
     device_uid
         The model card's Device UID.
 
@@ -96,7 +98,7 @@ def series_uid(kind: ResultUid, study_instance_uid: str, device_uid: str) -> str
     """
     if kind not in (ResultUid.SR_SERIES, ResultUid.SC_SERIES):
         raise EncodeError(f"{kind.value} is not a series UID kind")
-    return result_uid(kind, study_instance_uid, device_uid)
+    return result_uid(kind, scope_uid, device_uid)
 
 
 def instance_uid(kind: ResultUid, source_sop_instance_uid: str, device_uid: str) -> str:

@@ -31,6 +31,7 @@ from cxr_pipeline.codes import (
 )
 from cxr_pipeline.errors import CxrError
 from cxr_pipeline.ledger import Ledger
+from cxr_pipeline.logs import configure_logging
 from cxr_pipeline.metrics import LedgerCollector, MetricsServer, start_metrics_server
 from cxr_pipeline.send import describe_routing
 from cxr_pipeline.settings import Settings, load_settings, parse_destination
@@ -277,12 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO)
         log.error("%s", exc)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # pynetdicom logs every PDU at INFO; keep its chatter down.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Our INFO lines only: highdicom (about 20 lines per result object) and pynetdicom
+    # (every PDU) are demoted to WARNING.
+    configure_logging(settings.log_level)
     try:
         service = start_service(settings)
     except CxrError as exc:

@@ -215,7 +215,11 @@ class _Run:
         start = time.perf_counter()
         datasets: list[Dataset] = []
         if options.write_sr:
-            datasets.append(build_structured_report(decoded.header, finding, card, settings.output))
+            datasets.append(
+                build_structured_report(
+                    decoded.header, finding, card, settings.output, heatmap=heatmap
+                )
+            )
         if options.write_sc and decoded.pixels is not None:
             datasets.append(
                 build_secondary_capture(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -155,3 +156,18 @@ def processing_equipment(
 def series_description(what: str) -> str:
     """Series Description (LO, 64 characters at most) with the research-use mark."""
     return f"{what} - {NOT_FOR_DIAGNOSTIC_USE}"[:64]
+
+
+def series_date_time(result: Dataset) -> None:
+    """Give a result object its Series Date/Time, equal to its Content Date/Time.
+
+    highdicom writes Content Date/Time (the moment the object is made) but no Series
+    Date/Time, and PACS browsers file a series without one under an unknown date. Where
+    the builder left no Content Date/Time, the current local time is written to both.
+    """
+    if not result.get("ContentDate") or not result.get("ContentTime"):
+        now = datetime.datetime.now()
+        result.ContentDate = now.strftime("%Y%m%d")
+        result.ContentTime = now.strftime("%H%M%S.%f")
+    result.SeriesDate = result.ContentDate
+    result.SeriesTime = result.ContentTime

@@ -49,6 +49,9 @@ class ReadBack:
         Of the SR itself.
     verification_flag
         ``"UNVERIFIED"`` for every result this pipeline writes.
+    region_points
+        (column, row) points of the salient-area ELLIPSE of the planar ROI group with
+        the same Tracking UID, on the source image; empty when the SR has none.
     """
 
     probability: float
@@ -67,6 +70,19 @@ class ReadBack:
     series_instance_uid: str
     study_instance_uid: str
     verification_flag: str
+    region_points: tuple[tuple[float, float], ...] = ()
+
+
+def _region_points(
+    report: hd.sr.MeasurementReport, tracking_uid: str
+) -> tuple[tuple[float, float], ...]:
+    planar = report.get_planar_roi_measurement_groups(tracking_uid=tracking_uid)
+    for group in planar:
+        region = group.roi
+        if isinstance(region, hd.sr.ImageRegion):
+            data = region.value
+            return tuple((float(col), float(row)) for col, row in data)
+    return ()
 
 
 def _text_values(item: Dataset, name: Code) -> list[str]:
@@ -156,4 +172,5 @@ def read_structured_report(source: Dataset | Path | str) -> ReadBack:
         series_instance_uid=str(ds.SeriesInstanceUID),
         study_instance_uid=str(ds.StudyInstanceUID),
         verification_flag=str(ds.get("VerificationFlag", "")),
+        region_points=_region_points(report, str(group.tracking_uid)),
     )

@@ -25,6 +25,7 @@ from cxr_pipeline.encode._common import (
     NOT_FOR_DIAGNOSTIC_USE,
     evidence_dataset,
     processing_equipment,
+    series_date_time,
     series_description,
     source_reference,
     without_person_names,
@@ -312,4 +313,10 @@ def build_secondary_capture(
         hd.sr.CodedConcept.from_code(SOURCE_IMAGE_FOR_PROCESSING)
     ]
     sc.SourceImageSequence = [reference]
+    series_date_time(sc)
+    # True colour pixels are shown as stored: no VOI (window or LUT) may come along
+    # from the grey source, or viewers would window the RGB values.
+    for keyword in ("WindowCenter", "WindowWidth", "VOILUTSequence", "VOILUTFunction"):
+        if keyword in sc:
+            delattr(sc, keyword)
     return sc

@@ -1,4 +1,4 @@
-"""The result as a Comprehensive 3D SR, TID 1500 "Imaging Measurement Report".
+"""The result SR: a Comprehensive 3D SR, TID 1500 "Imaging Measurement Report".
 
 Content tree (all via highdicom templates)::
 
@@ -13,9 +13,23 @@ Content tree (all via highdicom templates)::
           Source = the analysed radiograph
           NUM  "Certainty of Finding" = COVID probability, UCUM "1"
           CODE COVID-19 = Present / Absent (probability >= threshold)
+        Measurement Group (TID 1410, planar ROI), same Tracking UID
+          Image Region = ELLIPSE around the heatmap's most salient area, on the radiograph
+          Finding = COVID-19, Algorithm Identification
+          NUM  "COVID-19 Present|Absent, probability" (99CXRPL) = probability, UCUM "%"
 
-The document is UNVERIFIED and PRELIMINARY, joins the source study in a new series,
-and carries a Contributing Equipment item for the algorithm (IHE AI Results).
+Why the second group: OHIF v3 (cornerstone-dicom-sr) only displays measurement groups
+with an image region (SCOORD) and fails on the whole SR when a group has none. It merges
+groups that share a Tracking UID into one measurement, so the image-level group travels
+with the planar one; both describe the same tracked finding (PS3.16 TID 1501 / 1410:
+the Tracking UID identifies a finding, not a group). OHIF prints each NUM as
+"meaning: value unit" and never shows qualitative evaluations, so the planar group's
+NUM carries the decision in its meaning and the probability in percent.
+
+Every container has SEPARATE continuity, so that renderers (DCMTK ``dsr2html``) print a
+concept name beside each value. The document is UNVERIFIED and PRELIMINARY, joins the
+source study in a new series, and carries a Contributing Equipment item for the
+algorithm (IHE AI Results).
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ from __future__ import annotations
 import math
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -31,16 +46,23 @@ from cxr_pipeline.codes import (
     CERTAINTY_OF_FINDING,
     CHEST_XRAY_PROCEDURE,
     COVID19,
+    DISPLAY_CODING_SCHEME,
+    DISPLAY_CODING_SCHEME_NAME,
     PRESENT,
+    PROBABILITY_COVID19_ABSENT,
+    PROBABILITY_COVID19_PRESENT,
+    UCUM_PERCENT,
     UCUM_UNITY,
 )
 from cxr_pipeline.encode._common import (
     evidence_dataset,
     processing_equipment,
+    series_date_time,
     series_description,
     source_reference,
     without_person_names,
 )
+from cxr_pipeline.encode.region import salient_ellipse
 from cxr_pipeline.errors import EncodeError
 from cxr_pipeline.model_card import ModelCard
 from cxr_pipeline.results import Finding
@@ -82,8 +104,69 @@ def _check_finding(finding: Finding) -> None:
             raise EncodeError(f"finding {name} {value!r} is not a number in [0, 1]")
 
 
+def _source_size(source: Dataset) -> tuple[int, int]:
+    try:
+        rows, cols = int(source.Rows), int(source.Columns)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise EncodeError("source dataset lacks Rows/Columns; cannot place the region") from exc
+    return rows, cols
+
+
+def _salient_region_group(
+    source: Dataset,
+    heatmap: np.ndarray | None,
+    finding: Finding,
+    tracking: hd.sr.TrackingIdentifier,
+    algorithm: hd.sr.AlgorithmIdentification,
+    source_image: hd.sr.SourceImageForRegion,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group: the salient-area ellipse, labelled with decision and probability."""
+    rows, cols = _source_size(source)
+    ellipse = salient_ellipse(heatmap, rows, cols)
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.ELLIPSE,
+        graphic_data=ellipse.graphic_data(),
+        source_image=source_image,
+    )
+    label = PROBABILITY_COVID19_PRESENT if finding.positive else PROBABILITY_COVID19_ABSENT
+    percent = hd.sr.Measurement(
+        name=label, value=round(100.0 * float(finding.probability), 4), unit=UCUM_PERCENT
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=region,
+        finding_type=COVID19,
+        algorithm_id=algorithm,
+        measurements=[percent],
+    )
+
+
+def _separate_containers(item: Dataset) -> None:
+    """Set SEPARATE continuity on ``item`` and every CONTAINER below it.
+
+    highdicom's templates build CONTINUOUS containers (meant for running text); ours hold
+    independent name-value pairs, and DCMTK only prints the names of SEPARATE content.
+    """
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        _separate_containers(child)
+
+
+def _coding_scheme_identification() -> Dataset:
+    item = Dataset()
+    item.CodingSchemeDesignator = DISPLAY_CODING_SCHEME
+    item.CodingSchemeName = DISPLAY_CODING_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = "cxr-pipeline developers"
+    return item
+
+
 def build_structured_report(
-    source: Dataset, finding: Finding, card: ModelCard, settings: OutputSettings
+    source: Dataset,
+    finding: Finding,
+    card: ModelCard,
+    settings: OutputSettings,
+    heatmap: np.ndarray | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Comprehensive 3D SR for one analysed radiograph.
 
@@ -98,6 +181,9 @@ def build_structured_report(
         The model card: algorithm name/version/architecture and Device UID.
     settings
         Output settings: series number, manufacturer, institution.
+    heatmap
+        The explanation map over the image (any resolution with its aspect), whose most
+        salient area the planar group outlines; None outlines the whole image.
 
     Returns
     -------
@@ -108,8 +194,8 @@ def build_structured_report(
     Raises
     ------
     EncodeError
-        The source lacks a required UID, the finding is not a probability, or
-        highdicom rejects a value (e.g. a name too long for its VR).
+        The source lacks a required UID or its size, the finding is not a probability,
+        or highdicom rejects a value (e.g. a name too long for its VR).
     """
     ref = source_reference(source)
     _check_finding(finding)
@@ -123,6 +209,7 @@ def build_structured_report(
             uid=instance_uid(ResultUid.TRACKING, ref.sop_instance_uid, card.device_uid),
             identifier=TRACKING_IDENTIFIER,
         )
+        algorithm = algorithm_identification(card, settings)
         probability = hd.sr.Measurement(
             name=CERTAINTY_OF_FINDING,
             value=float(finding.probability),
@@ -134,10 +221,21 @@ def build_structured_report(
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             finding_type=COVID19,
-            algorithm_id=algorithm_identification(card, settings),
+            algorithm_id=algorithm,
             measurements=[probability],
             qualitative_evaluations=[decision],
             source_images=[source_image],
+        )
+        region_group = _salient_region_group(
+            source,
+            heatmap,
+            finding,
+            tracking,
+            algorithm,
+            hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=ref.sop_class_uid,
+                referenced_sop_instance_uid=ref.sop_instance_uid,
+            ),
         )
         observer = hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
@@ -151,13 +249,16 @@ def build_structured_report(
         report = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
             procedure_reported=CHEST_XRAY_PROCEDURE,
-            imaging_measurements=[group],
+            # The planar group first: OHIF lists its labels (decision) before the
+            # image-level group's merged ones (Certainty of Finding).
+            imaging_measurements=[region_group, group],
         )
         sr = hd.sr.Comprehensive3DSR(
             evidence=[without_person_names(evidence)],
             content=report,
             series_instance_uid=series_uid(
-                ResultUid.SR_SERIES, ref.study_instance_uid, card.device_uid
+                # One SR per series: OHIF v3 displays only the newest SR of a series.
+                ResultUid.SR_SERIES, ref.sop_instance_uid, card.device_uid
             ),
             series_number=settings.sr_series_number,
             sop_instance_uid=instance_uid(
@@ -184,4 +285,7 @@ def build_structured_report(
         sr.copy_patient_and_study_information(evidence)
     except (ValueError, TypeError) as exc:
         raise EncodeError(f"cannot build SR for {ref.sop_instance_uid}: {exc}") from exc
+    _separate_containers(sr)
+    series_date_time(sr)
+    sr.CodingSchemeIdentificationSequence = [_coding_scheme_identification()]
     return sr

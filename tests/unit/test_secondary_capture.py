@@ -276,3 +276,19 @@ def test_unknown_colormap_is_a_typed_error(
     settings = OutputSettings(heatmap_colormap="no-such-map")
     with pytest.raises(EncodeError, match="colormap"):
         build_secondary_capture(rg1[0], rg1[1], heatmap, Finding(0.5, 0.5), card, settings)
+
+
+def test_sc_has_series_and_content_dates_and_no_window(
+    rg1: tuple[Dataset, np.ndarray], heatmap: np.ndarray, card: ModelCard, settings: OutputSettings
+) -> None:
+    source = copy.deepcopy(rg1[0])
+    # A grey source's window must not travel to the RGB result.
+    source.WindowCenter, source.WindowWidth = 2048, 4096
+    sc = build_secondary_capture(source, rg1[1], heatmap, Finding(0.7, 0.5), card, settings)
+    for keyword in ("SeriesDate", "SeriesTime", "ContentDate", "ContentTime"):
+        assert sc.get(keyword), keyword
+    assert (sc.SeriesDate, sc.SeriesTime) == (sc.ContentDate, sc.ContentTime)
+    for keyword in ("WindowCenter", "WindowWidth", "VOILUTSequence"):
+        assert keyword not in sc, keyword
+    assert sc.PhotometricInterpretation == "RGB"
+    assert sc.PlanarConfiguration == 0

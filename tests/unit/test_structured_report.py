@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import warnings
 from pathlib import Path
 
+import highdicom as hd
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 
-from cxr_pipeline.codes import ABSENT, COVID19, PRESENT, SopClass
+from cxr_pipeline.codes import (
+    ABSENT,
+    COVID19,
+    PRESENT,
+    PROBABILITY_COVID19_PRESENT,
+    UCUM_PERCENT,
+    SopClass,
+)
 from cxr_pipeline.encode.reading import read_structured_report
 from cxr_pipeline.encode.structured_report import build_structured_report
 from cxr_pipeline.errors import EncodeError
@@ -156,7 +167,9 @@ def test_uids_are_deterministic_per_image_and_model(
     second_image.SOPInstanceUID = rg1_header.SOPInstanceUID + ".2"
     sibling = build_structured_report(second_image, Finding(0.7, 0.5), card, settings)
     assert sibling.SOPInstanceUID != first.SOPInstanceUID
-    assert sibling.SeriesInstanceUID == first.SeriesInstanceUID
+    # Each image's SR has its own series: OHIF v3 shows only the newest SR of a series.
+    assert sibling.SeriesInstanceUID != first.SeriesInstanceUID
+    assert sibling.SeriesNumber == first.SeriesNumber
 
 
 @pytest.mark.parametrize("name", SHARED_DICOMS)
@@ -260,3 +273,121 @@ def test_model_name_too_long_for_its_vr_is_a_typed_error(
     card = ModelCard(name="m" * 80, version="1", architecture="resnet18", device_uid="2.25.5")
     with pytest.raises(EncodeError):
         build_structured_report(rg1_header, Finding(0.5, 0.5), card, settings)
+
+
+# --- what viewers need (issue 10): a planar region group, SEPARATE content, dates ---------
+
+
+def _containers(item: Dataset) -> list[Dataset]:
+    found = [item] if item.get("ValueType") == "CONTAINER" else []
+    for child in item.get("ContentSequence", []):
+        found.extend(_containers(child))
+    return found
+
+
+def _hot_square(shape: tuple[int, int], rows: slice, cols: slice) -> np.ndarray:
+    heat = np.zeros(shape, dtype=np.float32)
+    heat[rows, cols] = 1.0
+    heat[rows.start + 2, cols.start + 2] = 1.0
+    return heat
+
+
+def test_planar_region_group_outlines_the_salient_area(
+    rg1_header: Dataset, card: ModelCard, settings: OutputSettings, tmp_path: Path
+) -> None:
+    # A heatmap at 1/8 of the image (as cxr-batch decodes) with one hot block.
+    shape = (rg1_header.Rows // 8, rg1_header.Columns // 8)
+    heat = _hot_square(shape, slice(40, 80), slice(100, 150))
+    sr = build_structured_report(rg1_header, Finding(0.8731, 0.5), card, settings, heatmap=heat)
+    path = _write(sr, tmp_path, "sr.dcm")
+    _assert_valid(path)
+
+    back = read_structured_report(path)
+    scale_r, scale_c = rg1_header.Rows / shape[0], rg1_header.Columns / shape[1]
+    cols = [c for c, _ in back.region_points]
+    rows = [r for _, r in back.region_points]
+    assert min(cols) == pytest.approx(100 * scale_c, abs=1e-3)
+    assert max(cols) == pytest.approx(150 * scale_c, abs=1e-3)
+    assert min(rows) == pytest.approx(40 * scale_r, abs=1e-3)
+    assert max(rows) == pytest.approx(80 * scale_r, abs=1e-3)
+
+    report = hd.sr.MeasurementReport.from_sequence(
+        hd.sr.Comprehensive3DSR.from_dataset(dcmread(path)).content
+    )
+    planar = report.get_planar_roi_measurement_groups()
+    assert len(planar) == 1
+    group = planar[0]
+    # Same Tracking UID as the image-level group: OHIF merges them into one measurement.
+    assert str(group.tracking_uid) == back.tracking_uid
+    assert group.finding_type == COVID19
+    assert group.reference_type == codes.DCM.ImageRegion
+    region = group.roi
+    assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues.ELLIPSE
+    referenced = region.ContentSequence[0].ReferencedSOPSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == rg1_header.SOPInstanceUID
+    (label,) = group.get_measurements()
+    assert label.name == PROBABILITY_COVID19_PRESENT
+    assert label.value == pytest.approx(87.31)
+    assert label.unit == UCUM_PERCENT
+    declared = sr.CodingSchemeIdentificationSequence[0]
+    assert declared.CodingSchemeDesignator == PROBABILITY_COVID19_PRESENT.scheme_designator
+
+
+def test_without_heatmap_the_region_is_the_whole_image(
+    rg1_header: Dataset, card: ModelCard, settings: OutputSettings, tmp_path: Path
+) -> None:
+    sr = build_structured_report(rg1_header, Finding(0.2, 0.5), card, settings)
+    path = _write(sr, tmp_path, "sr.dcm")
+    _assert_valid(path)
+    back = read_structured_report(path)
+    cols = [c for c, _ in back.region_points]
+    rows = [r for _, r in back.region_points]
+    assert (min(cols), max(cols)) == (0.0, float(rg1_header.Columns))
+    assert (min(rows), max(rows)) == (0.0, float(rg1_header.Rows))
+    assert "COVID-19 Absent, probability" in dsrdump(path)
+
+
+def test_every_container_is_separate_and_dsr2html_labels_every_value(
+    rg1_header: Dataset, card: ModelCard, settings: OutputSettings, tmp_path: Path
+) -> None:
+    probability = 0.17446625232697
+    sr = build_structured_report(rg1_header, Finding(probability, 0.5), card, settings)
+    containers = _containers(sr)
+    assert len(containers) >= 4  # report, imaging measurements, two groups
+    assert {c.ContinuityOfContent for c in containers} == {"SEPARATE"}
+    path = _write(sr, tmp_path, "sr.dcm")
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dsr2html(path)))
+    stored = dcmread(path)
+    numbers = [
+        item.MeasuredValueSequence[0].NumericValue
+        for group in stored.ContentSequence[-1].ContentSequence
+        for item in group.ContentSequence
+        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "111012"
+    ]
+    assert len(numbers) == 1
+    written = str(numbers[0])
+    assert written.startswith("0.174466")
+    assert f"Certainty of Finding: {written} 1" in text
+    assert "COVID-19: Absent" in text
+    assert "COVID-19" in text
+
+
+def test_series_and_content_dates_are_set(
+    rg1_header: Dataset, card: ModelCard, settings: OutputSettings
+) -> None:
+    sr = build_structured_report(rg1_header, Finding(0.7, 0.5), card, settings)
+    for keyword in ("SeriesDate", "SeriesTime", "ContentDate", "ContentTime"):
+        assert sr.get(keyword), keyword
+    assert sr.SeriesDate == sr.ContentDate
+    assert sr.SeriesTime == sr.ContentTime
+
+
+def test_invalid_source_age_does_not_reach_the_sr(
+    shared_dicom_dir: Path, card: ModelCard, settings: OutputSettings, tmp_path: Path
+) -> None:
+    source = dcmread(shared_dicom_dir / "rsna_cr_ap_jpeg_baseline.dcm", stop_before_pixels=True)
+    assert source.PatientAge == "68"  # the defect: AS needs "068Y"
+    sr = build_structured_report(source, Finding(0.4, 0.5), card, settings)
+    path = _write(sr, tmp_path, "sr.dcm")
+    _assert_valid(path)
+    assert "PatientAge" not in dcmread(path)

@@ -65,28 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         analysis = analyse(args.file, engine)
         paths = write_results(analysis, args.out)
     except RejectedInput as exc:
-        print(
-            json.dumps(
-                {
-                    "file": str(args.file),
-                    "status": "rejected",
-                    "reason": exc.reason,
-                    "detail": exc.detail,
-                }
-            )
-        )
+        print(json.dumps({"file": str(args.file), "status": "rejected", "reason": exc.reason,
+                          "detail": exc.detail}))
         return EXIT_REJECTED
     except CxrError as exc:
-        print(
-            json.dumps(
-                {
-                    "file": str(args.file),
-                    "status": "failed",
-                    "reason": exc.reason,
-                    "detail": exc.detail,
-                }
-            )
-        )
+        print(json.dumps({"file": str(args.file), "status": "failed", "reason": exc.reason,
+                          "detail": exc.detail}))
         return EXIT_ERROR
     card = engine.predictor.card
     print(

@@ -23,6 +23,7 @@ from typing import Any
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from cxr_pipeline.audit import trail_for
 from cxr_pipeline.codes import (
     ANALYSABLE_SOP_CLASSES,
     COMPRESSED_TRANSFER_SYNTAXES,
@@ -36,6 +37,7 @@ from cxr_pipeline.send import describe_routing
 from cxr_pipeline.settings import Settings, load_settings, parse_destination
 from cxr_pipeline.spool import Spool
 from listeners.handlers import StoreHandler, handle_echo
+from listeners.security import EdgeGuard
 from listeners.tls import server_context
 from workers.queue import JobQueue, ledger_path, make_queue, spool_root
 
@@ -99,6 +101,7 @@ class Service:
     ledger: Ledger
     spool: Spool
     metrics: MetricsServer | None = None
+    guard: EdgeGuard | None = None
 
     @property
     def port(self) -> int:
@@ -123,6 +126,8 @@ class Service:
         self.queue.close()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.guard is not None:
+            self.guard.application(started=False)
 
 
 def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Service:
@@ -160,15 +165,18 @@ def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Servi
         log.info("queued %d unfinished jobs again", len(unfinished))
     ae = build_ae(settings)
     listener = settings.listener
+    # Issue 14: peers by address, audit trail, reasoned refusals (listeners/security.py).
+    guard = EdgeGuard(settings, trail_for(settings), ledger)
     try:
         server = ae.start_server(
             (listener.host, listener.port),
             block=False,
             evt_handlers=[
-                (evt.EVT_C_STORE, StoreHandler(settings, spool, ledger, queue)),
+                (evt.EVT_C_STORE, guard.wrap_store(StoreHandler(settings, spool, ledger, queue))),
                 (evt.EVT_C_ECHO, handle_echo),
+                *guard.handlers(),
             ],
-            ssl_context=server_context(listener.tls),
+            ssl_context=server_context(listener.tls, on_error=guard.tls_error),
         )
     except BaseException:
         queue.close()
@@ -176,6 +184,8 @@ def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Servi
     if server is None:  # only when block=True
         raise RuntimeError("pynetdicom returned no server")
     service = Service(settings=settings, server=server, queue=queue, ledger=ledger, spool=spool)
+    service.guard = guard
+    guard.application(started=True)
     endpoint = settings.metrics
     if endpoint.port is not None:
         try:

@@ -27,6 +27,10 @@ from typing import Any
 from cxr_pipeline.errors import ConfigError
 from cxr_pipeline.settings import PeerTlsSettings, TlsSettings
 
+DataInspector = Callable[[bytes, "ssl.SSLSocket"], None]
+"""Called with each chunk of decrypted bytes a server socket reads; may raise ``OSError``
+to end the connection (the listener's PDU length bound)."""
+
 TlsErrorSink = Callable[[OSError, "ssl.SSLSocket"], None]
 """Called with a TLS error and the socket it happened on (peer address via
 ``getpeername``); must not raise."""
@@ -70,8 +74,17 @@ def describe_tls_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _recording(context: ssl.SSLContext, sink: TlsErrorSink | None, *, lazy: bool) -> None:
-    """Make ``context`` report TLS errors to ``sink`` (and, when ``lazy``, shake hands late)."""
+def _recording(
+    context: ssl.SSLContext,
+    sink: TlsErrorSink | None,
+    *,
+    lazy: bool,
+    inspector: Callable[[], DataInspector] | None = None,
+) -> None:
+    """Make ``context`` report TLS errors to ``sink`` (and, when ``lazy``, shake hands late).
+
+    ``inspector`` makes one :data:`DataInspector` per socket for the bytes it reads.
+    """
 
     def report(exc: OSError, sock: ssl.SSLSocket) -> None:
         if sink is not None and not isinstance(
@@ -81,6 +94,14 @@ def _recording(context: ssl.SSLContext, sink: TlsErrorSink | None, *, lazy: bool
 
     class _ReportingSocket(ssl.SSLSocket):
         _handshaken = False
+        _inspect: DataInspector | None = None
+
+        def _inspected(self, data: bytes) -> bytes:
+            if inspector is not None and data:
+                if self._inspect is None:
+                    self._inspect = inspector()
+                self._inspect(data, self)
+            return data
 
         def do_handshake(self, block: bool = False) -> None:
             try:
@@ -103,10 +124,11 @@ def _recording(context: ssl.SSLContext, sink: TlsErrorSink | None, *, lazy: bool
         def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
             self._shake_first()
             try:
-                return super().recv(buflen, flags)
+                data = super().recv(buflen, flags)
             except ssl.SSLError as exc:
                 report(exc, self)
                 raise
+            return self._inspected(data)
 
         def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
             self._shake_first()
@@ -152,7 +174,10 @@ class _ServerContext(ssl.SSLContext):
 
 
 def server_context(
-    settings: TlsSettings, *, on_error: TlsErrorSink | None = None
+    settings: TlsSettings,
+    *,
+    on_error: TlsErrorSink | None = None,
+    inspector: Callable[[], DataInspector] | None = None,
 ) -> ssl.SSLContext | None:
     """Build the listener's TLS context, or None when TLS is disabled.
 
@@ -164,6 +189,8 @@ def server_context(
     on_error
         Called with each TLS error of an incoming connection (failed handshake, refused
         client certificate), e.g. to write a Security Alert.
+    inspector
+        Makes, per connection, a check of the decrypted bytes read (PDU length bound).
 
     Returns
     -------
@@ -200,7 +227,7 @@ def server_context(
         raise ConfigError("listener.tls.require_client_certificate needs ca_certificates")
     else:
         context.verify_mode = ssl.CERT_NONE
-    _recording(context, on_error, lazy=True)
+    _recording(context, on_error, lazy=True, inspector=inspector)
     return context
 
 

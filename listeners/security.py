@@ -219,6 +219,11 @@ class EdgeGuard:
         caller = Participant("", address, True, codes.AUDIT_ROLE_SOURCE)
         self._alert("TLS failure (receiving)", caller, reason, codes.AUDIT_NODE_AUTHENTICATION)
 
+    def connection_refused(self, address: str, reason: str) -> None:
+        """Record a connection the server closed (oversized PDU, no association in time)."""
+        caller = Participant("", address, True, codes.AUDIT_ROLE_SOURCE)
+        self._alert("connection refused", caller, reason, codes.AUDIT_USE_OF_RESTRICTED_FUNCTION)
+
     def _alert(self, name: str, caller: Participant, reason: str, kind: Any) -> None:
         self.trail.record(
             name,

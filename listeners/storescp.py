@@ -38,6 +38,7 @@ from cxr_pipeline.settings import Settings, load_settings, parse_destination
 from cxr_pipeline.spool import Spool
 from listeners.handlers import StoreHandler, handle_echo
 from listeners.security import EdgeGuard
+from listeners.server import pdu_inspector, start_guarded_server
 from listeners.tls import server_context
 from workers.queue import JobQueue, ledger_path, make_queue, spool_root
 
@@ -59,6 +60,11 @@ ASSOCIATION_REQUEST_TIMEOUT_S = 10.0
 ``acse_timeout``, default 30 s). Idle connections count against ``max_associations``, so
 a handful of silent sockets would lock real senders out for that long; a PACS sends its
 request at once after connecting."""
+
+
+REQUEST_DEADLINE_S = ASSOCIATION_REQUEST_TIMEOUT_S + 5.0
+"""A connection whose association is not established this long after it was accepted is
+closed (a client trickling its request byte by byte never trips ARTIM's wait)."""
 
 
 def build_ae(settings: Settings) -> AE:
@@ -102,6 +108,7 @@ class Service:
     spool: Spool
     metrics: MetricsServer | None = None
     guard: EdgeGuard | None = None
+    watchdog: threading.Event | None = None
 
     @property
     def port(self) -> int:
@@ -122,6 +129,8 @@ class Service:
 
     def stop(self) -> None:
         """Stop accepting associations, then let the queue finish and close."""
+        if self.watchdog is not None:
+            self.watchdog.set()
         self.server.shutdown()
         self.queue.close()
         if self.metrics is not None:
@@ -168,23 +177,29 @@ def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Servi
     # Issue 14: peers by address, audit trail, reasoned refusals (listeners/security.py).
     guard = EdgeGuard(settings, trail_for(settings), ledger)
     try:
-        server = ae.start_server(
+        # pynetdicom's server with socket timeouts, a request deadline and a PDU length
+        # bound (listeners/server.py; hostile clients at the socket, issue 14).
+        server, watchdog = start_guarded_server(
+            ae,
             (listener.host, listener.port),
-            block=False,
             evt_handlers=[
                 (evt.EVT_C_STORE, guard.wrap_store(StoreHandler(settings, spool, ledger, queue))),
                 (evt.EVT_C_ECHO, handle_echo),
                 *guard.handlers(),
             ],
-            ssl_context=server_context(listener.tls, on_error=guard.tls_error),
+            ssl_context=server_context(
+                listener.tls,
+                on_error=guard.tls_error,
+                inspector=pdu_inspector(guard.connection_refused),
+            ),
+            request_deadline_s=REQUEST_DEADLINE_S,
+            on_refused=guard.connection_refused,
         )
     except BaseException:
         queue.close()
         raise
-    if server is None:  # only when block=True
-        raise RuntimeError("pynetdicom returned no server")
     service = Service(settings=settings, server=server, queue=queue, ledger=ledger, spool=spool)
-    service.guard = guard
+    service.guard, service.watchdog = guard, watchdog
     guard.application(started=True)
     endpoint = settings.metrics
     if endpoint.port is not None:

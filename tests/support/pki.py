@@ -105,7 +105,10 @@ def _leaf(
         if expired
         else (now - dt.timedelta(days=1), now + dt.timedelta(days=2))
     )
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    # DICOM nodes are TLS clients and servers with one certificate (Orthanc uses its own for
+    # both): every leaf may do both, the "server" ones list server use first.
+    both = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    usage = both if server else both[::-1]
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
@@ -115,7 +118,7 @@ def _leaf(
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]

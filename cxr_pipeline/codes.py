@@ -209,3 +209,76 @@ DCT_JPEG_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
     {_uid.JPEGBaseline8Bit, _uid.JPEGExtended12Bit}
 )
 """DCT JPEG: 8-bit data decoded with libjpeg's 1/2, 1/4, 1/8 scaling when asked for."""
+
+# --------------------------------------------------------------------------------------
+# Audit trail: DICOM PS3.15 Annex A.5 audit messages (CID 400-406, PS3.16), written by
+# cxr_pipeline/audit.py (section owned by the PACS service: listeners/, send, audit)
+# --------------------------------------------------------------------------------------
+
+AUDIT_APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
+"""EventID (A.5.3.1): the application started or stopped."""
+AUDIT_BEGIN_TRANSFERRING = Code("110102", "DCM", "Begin Transferring DICOM Instances")
+"""EventID (A.5.3.3): an association that will carry instances has started."""
+AUDIT_INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+"""EventID (A.5.3.5): instances were received or sent (one message per association)."""
+AUDIT_SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
+"""EventID (A.5.3.11): a rejected association, a failed TLS handshake, a refused command."""
+
+AUDIT_APPLICATION_START = Code("110120", "DCM", "Application Start")
+"""EventTypeCode of Application Activity (CID 401)."""
+AUDIT_APPLICATION_STOP = Code("110121", "DCM", "Application Stop")
+"""EventTypeCode of Application Activity (CID 401)."""
+AUDIT_NODE_AUTHENTICATION = Code("110126", "DCM", "Node Authentication")
+"""Security Alert type (CID 403): a peer node failed authentication (TLS certificate,
+AE title or address not allowed)."""
+AUDIT_USE_OF_RESTRICTED_FUNCTION = Code("110132", "DCM", "Use of Restricted Function")
+"""Security Alert type (CID 403): a peer sent what the node refuses to process (a
+malformed command the association is aborted for)."""
+
+AUDIT_ROLE_APPLICATION = Code("110150", "DCM", "Application")
+"""RoleIDCode (CID 402) of the application itself in Application Activity."""
+AUDIT_ROLE_SOURCE = Code("110153", "DCM", "Source Role ID")
+"""RoleIDCode (CID 402): the process that sent the data."""
+AUDIT_ROLE_DESTINATION = Code("110152", "DCM", "Destination Role ID")
+"""RoleIDCode (CID 402): the process that received the data."""
+
+AUDIT_ID_STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
+"""ParticipantObjectIDTypeCode (CID 404) of a study."""
+AUDIT_ID_NODE = Code("110182", "DCM", "Node ID")
+"""ParticipantObjectIDTypeCode (CID 404) of a network node (Security Alert subject)."""
+
+
+class AuditAction(StrEnum):
+    """EventActionCode (PS3.15 A.5.1)."""
+
+    CREATE = "C"
+    READ = "R"
+    UPDATE = "U"
+    DELETE = "D"
+    EXECUTE = "E"
+
+
+class AuditOutcome(StrEnum):
+    """EventOutcomeIndicator (PS3.15 A.5.1)."""
+
+    SUCCESS = "0"
+    MINOR_FAILURE = "4"
+    SERIOUS_FAILURE = "8"
+    MAJOR_FAILURE = "12"
+
+
+class NetworkAccessPointType(StrEnum):
+    """NetworkAccessPointTypeCode (PS3.15 A.5.1)."""
+
+    MACHINE_NAME = "1"
+    IP_ADDRESS = "2"
+
+
+AUDIT_PARTICIPANT_SYSTEM_OBJECT = "2"
+"""ParticipantObjectTypeCode: System Object (a study, a node)."""
+AUDIT_PARTICIPANT_ROLE_REPORT = "3"
+"""ParticipantObjectTypeCodeRole: Report (the study of the transferred instances)."""
+AUDIT_PARTICIPANT_ROLE_SECURITY_RESOURCE = "13"
+"""ParticipantObjectTypeCodeRole: Security Resource (the node of a Security Alert)."""
+AUDIT_SOURCE_APPLICATION_SERVER = Code("4", "DCM", "Application Server")
+"""AuditSourceTypeCode (RFC 3881 / PS3.15 A.5.1): an application server process."""

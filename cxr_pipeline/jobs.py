@@ -23,6 +23,7 @@ import pydicom.errors
 from pydicom.dataset import Dataset
 
 from cxr_pipeline import metrics
+from cxr_pipeline.audit import AuditTrail, trail_for
 from cxr_pipeline.codes import SopClass
 from cxr_pipeline.errors import CxrError, Reason, RejectedInput, SendError
 from cxr_pipeline.ledger import JobRecord, JobState, Ledger
@@ -94,6 +95,7 @@ def send_with_retries(
     settings: SendSettings,
     *,
     sleep: Sleep = time.sleep,
+    audit: AuditTrail | None = None,
 ) -> None:
     """Send with up to ``settings.max_attempts`` tries and exponential backoff.
 
@@ -107,6 +109,8 @@ def send_with_retries(
         Send settings.
     sleep
         Waits between attempts (injectable so tests need not wait).
+    audit
+        Audit trail of each attempt (issue 14); None: not audited.
 
     Raises
     ------
@@ -117,7 +121,7 @@ def send_with_retries(
     for attempt in range(1, max(settings.max_attempts, 1) + 1):
         try:
             with metrics.STAGE_SECONDS.labels(stage="send").time():
-                send_datasets(datasets, destination, settings)
+                send_datasets(datasets, destination, settings, audit=audit)
             return
         except SendError as exc:
             if attempt > len(delays):
@@ -247,7 +251,9 @@ def process_job(
                 f"{record.calling_ae!r} is not in send.known_peers"
             )
         for destination in destinations:
-            send_with_retries(datasets, destination, settings.send, sleep=sleep)
+            send_with_retries(
+                datasets, destination, settings.send, sleep=sleep, audit=trail_for(settings)
+            )
     except JobInterrupted:
         ledger.mark(uid, JobState.QUEUED, reason="interrupted: executor shutting down")
         log.info("%s interrupted by shutdown; left queued for the next start", uid)

@@ -9,6 +9,13 @@ between uncompressed syntaxes itself, and a compressed dataset whose syntax the 
 refuses is decompressed (pydicom pixel handlers) before sending. Any refusal, abort,
 timeout or non-success status raises :class:`~cxr_pipeline.errors.SendError`
 (retryable); retries and backoff belong to the caller (:mod:`cxr_pipeline.jobs`).
+
+DICOM TLS is set per destination / known peer (``tls`` table, context from
+:mod:`cxr_pipeline.tls`); a destination named on the command line picks up the ``tls`` of
+the configured peer with the same AE title, host and port. A failed handshake raises
+``SendError("TLS handshake with ... failed: <reason>")``. With an audit trail, each call
+writes Begin Transferring / DICOM Instances Transferred, and a Security Alert for a TLS
+failure.
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from cxr_pipeline.codes import STORE_SUCCESS_STATUSES
+from cxr_pipeline import codes
+from cxr_pipeline.audit import AuditTrail, Participant, StudyTransfer
+from cxr_pipeline.codes import STORE_SUCCESS_STATUSES, AuditAction, AuditOutcome
 from cxr_pipeline.decode import transfer_syntax_of
 from cxr_pipeline.errors import SendError
 from cxr_pipeline.settings import Destination, SendSettings
+from cxr_pipeline.tls import describe_tls_error, peer_context
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +107,48 @@ def describe_routing(settings: SendSettings, kept_dir: Path) -> str:
     )
 
 
+def configured_peer(destination: Destination, settings: SendSettings) -> Destination:
+    """Return the destination with the TLS of the configured peer at the same address.
+
+    Parameters
+    ----------
+    destination
+        E.g. parsed from ``--send AE@host:port`` (no TLS table).
+    settings
+        ``destinations`` and ``known_peers``.
+
+    Returns
+    -------
+    Destination
+        ``destination`` itself when its TLS is on or no configured peer matches.
+    """
+    if destination.tls.enabled:
+        return destination
+    for peer in (*settings.destinations, *settings.known_peers):
+        same = (peer.ae_title, peer.host, peer.port) == (
+            destination.ae_title,
+            destination.host,
+            destination.port,
+        )
+        if same and peer.tls.enabled:
+            return destination.model_copy(update={"tls": peer.tls})
+    return destination
+
+
+def _studies(datasets: Sequence[Dataset]) -> list[StudyTransfer]:
+    studies: dict[str, StudyTransfer] = {}
+    for ds in datasets:
+        uid = str(ds.get("StudyInstanceUID", "") or "")
+        studies.setdefault(uid, StudyTransfer(uid)).add(str(ds.SOPClassUID))
+    return list(studies.values())
+
+
 def send_datasets(
-    datasets: Sequence[Dataset], destination: Destination, settings: SendSettings
+    datasets: Sequence[Dataset],
+    destination: Destination,
+    settings: SendSettings,
+    *,
+    audit: AuditTrail | None = None,
 ) -> None:
     """C-STORE every dataset to one destination over a single association.
 
@@ -107,18 +157,31 @@ def send_datasets(
     datasets
         Complete DICOM objects (e.g. the SR and SC of one analysis).
     destination
-        AE title, host and port of the peer.
+        AE title, host, port and TLS of the peer.
     settings
         Calling AE title and network timeout.
+    audit
+        Where to record the transfer (and TLS failures); None: not audited.
 
     Raises
     ------
     SendError
-        Association rejected or aborted, timeout, a refused context, or any C-STORE
-        status other than success or warning. Objects before the failure may be stored.
+        Association rejected or aborted, TLS handshake failed, timeout, a refused
+        context, or any C-STORE status other than success or warning. Objects before the
+        failure may be stored.
+    ConfigError
+        The destination's TLS files are missing or unreadable.
     """
     if not datasets:
         return
+    destination = configured_peer(destination, settings)
+    tls_errors: list[str] = []
+    context = peer_context(
+        destination.tls, on_error=lambda exc, sock: tls_errors.append(describe_tls_error(exc))
+    )
+    tls_args = None
+    if context is not None:
+        tls_args = (context, destination.tls.server_name or destination.host)
     ae = AE(ae_title=settings.calling_ae_title)
     ae.acse_timeout = settings.timeout_s
     ae.dimse_timeout = settings.timeout_s
@@ -128,20 +191,62 @@ def send_datasets(
         ae.add_requested_context(sop_class, syntaxes)
 
     peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    participants = (
+        Participant(settings.calling_ae_title, "", True, codes.AUDIT_ROLE_SOURCE),
+        Participant(destination.ae_title, destination.host, False, codes.AUDIT_ROLE_DESTINATION),
+    )
+    studies = _studies(datasets)
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
     if not assoc.is_established:
+        if tls_errors:
+            why = f"TLS handshake with {peer} failed: {tls_errors[0]}"
+            if audit is not None:
+                audit.record(
+                    "TLS failure (sending)",
+                    codes.AUDIT_SECURITY_ALERT,
+                    outcome=AuditOutcome.MINOR_FAILURE,
+                    participants=participants,
+                    event_type=codes.AUDIT_NODE_AUTHENTICATION,
+                    description=why,
+                    node=destination.host,
+                )
+            raise SendError(why)
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise SendError(f"association with {peer} {why}")
+    if audit is not None:
+        audit.record(
+            "begin transferring (sending)",
+            codes.AUDIT_BEGIN_TRANSFERRING,
+            participants=participants,
+            studies=studies,
+        )
+    failure: str | None = None
     try:
         _store_all(assoc, datasets, peer)
-    except SendError:
+    except SendError as exc:
+        failure = exc.detail
         raise
     except (OSError, RuntimeError, ValueError, AttributeError) as exc:
         # pynetdicom raises these for a dropped connection or an unencodable dataset.
-        raise SendError(f"C-STORE to {peer} failed: {type(exc).__name__}: {exc}") from exc
+        failure = f"C-STORE to {peer} failed: {type(exc).__name__}: {exc}"
+        raise SendError(failure) from exc
     finally:
         if assoc.is_established:
             assoc.release()
+        if failure is not None and tls_errors:
+            failure = f"{failure} (TLS: {tls_errors[0]})"
+        if audit is not None:
+            audit.record(
+                "instances transferred (sent)",
+                codes.AUDIT_INSTANCES_TRANSFERRED,
+                action=AuditAction.READ,
+                outcome=AuditOutcome.SUCCESS if failure is None else AuditOutcome.MINOR_FAILURE,
+                participants=participants,
+                studies=studies,
+                description=failure,
+            )
 
 
 def _store_all(assoc: Association, datasets: Sequence[Dataset], peer: str) -> None:

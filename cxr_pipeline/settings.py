@@ -10,12 +10,13 @@ Each section belongs to one stage of the pipeline; add a field to the section th
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cxr_pipeline.errors import ConfigError
@@ -149,6 +150,23 @@ class TlsSettings(_Section):
     require_client_certificate: bool = False
 
 
+class PeerTlsSettings(_Section):
+    """DICOM TLS towards one peer (we are the TLS client): see :mod:`cxr_pipeline.tls`."""
+
+    enabled: bool = False
+    ca_certificates: Path | None = None
+    """PEM CA bundle (or the peer's self-signed certificate) that signs the peer's
+    certificate. None: the system's trust store."""
+    certificate: Path | None = None
+    """Our PEM client certificate, for peers that require one."""
+    private_key: Path | None = None
+    """Private key of ``certificate`` (None: the key is in the certificate file)."""
+    verify: bool = True
+    """Verify the peer's certificate chain and name. Off only for a lab peer."""
+    server_name: str | None = None
+    """Name expected in the peer's certificate (and sent as SNI). None: the peer's host."""
+
+
 class ListenerSettings(_Section):
     """The C-STORE SCP (``cxr-listen``)."""
 
@@ -206,6 +224,23 @@ class Destination(_Section):
     ae_title: str
     host: str
     port: int
+    tls: PeerTlsSettings = Field(default_factory=PeerTlsSettings)
+    """DICOM TLS when sending to this peer (off by default)."""
+    addresses: list[str] = Field(default_factory=list)
+    """Known peers: host addresses or networks (``10.1.2.3``, ``10.1.0.0/16``, ``::1``) this
+    AE title may call from. Empty: any address (storescp's default). Otherwise the listener
+    rejects an association with this calling AE title from anywhere else (A-ASSOCIATE-RJ,
+    calling AE title not recognised) and records a Security Alert."""
+
+    @field_validator("addresses")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for text in value:
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not an IP address or network: {text!r}") from exc
+        return value
 
 
 def parse_destination(text: str, *, option: str = "--send") -> Destination:
@@ -246,7 +281,8 @@ class SendSettings(_Section):
     destinations: list[Destination] = Field(default_factory=list)
     """Fixed destinations. Empty: reply to the sender, looked up in ``known_peers``."""
     known_peers: list[Destination] = Field(default_factory=list)
-    """Peers by AE title, used to send results back to the AE that sent the image."""
+    """Peers by AE title, used to send results back to the AE that sent the image, and
+    (with ``addresses``) to hold an AE title to the hosts it may call from."""
     max_attempts: int = Field(default=8, ge=1)
     """C-STORE attempts per destination before the job is FAILED."""
     backoff_initial_s: float = Field(default=2.0, ge=0.0)
@@ -255,6 +291,30 @@ class SendSettings(_Section):
     """Longest wait between attempts."""
     timeout_s: float = Field(default=30.0, gt=0.0)
     """Association, DIMSE and network timeout of each attempt."""
+
+
+class AuditSettings(_Section):
+    """The audit trail: DICOM PS3.15 A.5 audit messages (IHE ATNA); :mod:`cxr_pipeline.audit`."""
+
+    enabled: bool = True
+    file: Path | None = None
+    """Append-only JSON-lines file (one message per line, its XML in ``"xml"``).
+    None: ``<data_dir>/audit/audit.jsonl``."""
+    source_id: str | None = None
+    """AuditSourceID of every message. None: ``listener.ae_title``."""
+    enterprise_site_id: str | None = None
+    """AuditEnterpriseSiteID (the hospital), when set."""
+    syslog_host: str | None = None
+    """Also send each message to this syslog collector / audit record repository
+    (RFC 5424). None: file only."""
+    syslog_port: int = Field(default=514, ge=1, le=65535)
+    """514 for UDP/TCP, 6514 for TLS by convention."""
+    syslog_transport: Literal["udp", "tcp", "tls"] = "udp"
+    """UDP (RFC 5426), TCP with octet counting (RFC 6587) or TLS (RFC 5425)."""
+    syslog_tls: PeerTlsSettings = Field(default_factory=lambda: PeerTlsSettings(enabled=True))
+    """CA bundle, client certificate and key for the ``tls`` transport."""
+    syslog_app_name: str = "cxr-pipeline"
+    """APP-NAME of the syslog messages."""
 
 
 class MetricsSettings(_Section):
@@ -318,6 +378,7 @@ class Settings(BaseSettings):
     send: SendSettings = Field(default_factory=SendSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @classmethod
     def settings_customise_sources(

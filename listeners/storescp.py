@@ -23,6 +23,7 @@ from typing import Any
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from cxr_pipeline.audit import trail_for
 from cxr_pipeline.codes import (
     ANALYSABLE_SOP_CLASSES,
     COMPRESSED_TRANSFER_SYNTAXES,
@@ -37,6 +38,8 @@ from cxr_pipeline.send import describe_routing
 from cxr_pipeline.settings import Settings, load_settings, parse_destination
 from cxr_pipeline.spool import Spool
 from listeners.handlers import StoreHandler, handle_echo
+from listeners.security import EdgeGuard
+from listeners.server import pdu_inspector, start_guarded_server
 from listeners.tls import server_context
 from workers.queue import JobQueue, ledger_path, make_queue, spool_root
 
@@ -58,6 +61,11 @@ ASSOCIATION_REQUEST_TIMEOUT_S = 10.0
 ``acse_timeout``, default 30 s). Idle connections count against ``max_associations``, so
 a handful of silent sockets would lock real senders out for that long; a PACS sends its
 request at once after connecting."""
+
+
+REQUEST_DEADLINE_S = ASSOCIATION_REQUEST_TIMEOUT_S + 5.0
+"""A connection whose association is not established this long after it was accepted is
+closed (a client trickling its request byte by byte never trips ARTIM's wait)."""
 
 
 def build_ae(settings: Settings) -> AE:
@@ -100,6 +108,8 @@ class Service:
     ledger: Ledger
     spool: Spool
     metrics: MetricsServer | None = None
+    guard: EdgeGuard | None = None
+    watchdog: threading.Event | None = None
 
     @property
     def port(self) -> int:
@@ -120,10 +130,14 @@ class Service:
 
     def stop(self) -> None:
         """Stop accepting associations, then let the queue finish and close."""
+        if self.watchdog is not None:
+            self.watchdog.set()
         self.server.shutdown()
         self.queue.close()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.guard is not None:
+            self.guard.application(started=False)
 
 
 def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Service:
@@ -161,22 +175,33 @@ def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Servi
         log.info("queued %d unfinished jobs again", len(unfinished))
     ae = build_ae(settings)
     listener = settings.listener
+    # Issue 14: peers by address, audit trail, reasoned refusals (listeners/security.py).
+    guard = EdgeGuard(settings, trail_for(settings), ledger)
     try:
-        server = ae.start_server(
+        # pynetdicom's server with socket timeouts, a request deadline and a PDU length
+        # bound (listeners/server.py; hostile clients at the socket, issue 14).
+        server, watchdog = start_guarded_server(
+            ae,
             (listener.host, listener.port),
-            block=False,
             evt_handlers=[
-                (evt.EVT_C_STORE, StoreHandler(settings, spool, ledger, queue)),
+                (evt.EVT_C_STORE, guard.wrap_store(StoreHandler(settings, spool, ledger, queue))),
                 (evt.EVT_C_ECHO, handle_echo),
+                *guard.handlers(),
             ],
-            ssl_context=server_context(listener.tls),
+            ssl_context=server_context(
+                listener.tls,
+                on_error=guard.tls_error,
+                inspector=pdu_inspector(guard.connection_refused),
+            ),
+            request_deadline_s=REQUEST_DEADLINE_S,
+            on_refused=guard.connection_refused,
         )
     except BaseException:
         queue.close()
         raise
-    if server is None:  # only when block=True
-        raise RuntimeError("pynetdicom returned no server")
     service = Service(settings=settings, server=server, queue=queue, ledger=ledger, spool=spool)
+    service.guard, service.watchdog = guard, watchdog
+    guard.application(started=True)
     endpoint = settings.metrics
     if endpoint.port is not None:
         try:

@@ -176,6 +176,33 @@ def orthanc_config(
     return config
 
 
+def orthanc_tls_config(
+    certificate: Path,
+    private_key: Path,
+    trusted: Path,
+    *,
+    require_client_certificate: bool = True,
+) -> dict[str, Any]:
+    """Configuration keys for Orthanc's DICOM TLS (Orthanc 1.9+; pass as ``extra_config``).
+
+    Parameters
+    ----------
+    certificate, private_key
+        Orthanc's PEM server certificate and key (also used when Orthanc is the client).
+    trusted
+        PEM bundle of the certificates / CAs Orthanc trusts for its peers.
+    require_client_certificate
+        ``DicomTlsRemoteCertificateRequired``: refuse SCUs without a trusted certificate.
+    """
+    return {
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(certificate),
+        "DicomTlsPrivateKey": str(private_key),
+        "DicomTlsTrustedCertificates": str(trusted),
+        "DicomTlsRemoteCertificateRequired": require_client_certificate,
+    }
+
+
 @contextmanager
 def running_orthanc(
     workdir: Path,

@@ -35,7 +35,8 @@ from cxr_pipeline.settings import Settings, load_settings
 from cxr_pipeline.spool import Spool
 from listeners.handlers import StoreHandler, handle_echo
 from listeners.tls import server_context
-from workers.queue import JobQueue, ledger_path, make_queue, spool_root
+from workers.factory import make_queue
+from workers.queue import JobQueue, ledger_path, spool_root
 
 log = logging.getLogger("listeners.storescp")
 

@@ -5,7 +5,7 @@ One task message = one SOP Instance UID. When a worker takes a task it also take
 (waiting at most ``worker.micro_batch_wait_s`` for them), so that a backlog is classified
 in one forward pass:
 
-1. :func:`workers.celery_app.collect_waiting` pulls waiting messages with ``basic_get`` on
+1. :func:`workers.broker.collect_waiting` pulls waiting messages with ``basic_get`` on
    the worker's own broker connection, unacknowledged: if the process dies they return to
    the queue after the visibility timeout, exactly like the task message (``acks_late``).
 2. :func:`classify_batch` decodes the batch and runs **one** ``predict_images`` call
@@ -44,7 +44,7 @@ from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.pipeline import Engine, analyse_radiograph
 from cxr_pipeline.settings import Settings
 from cxr_pipeline.spool import SUFFIX, Spool, write_durably
-from workers.celery_app import (
+from workers.broker import (
     TASK_ANALYSE,
     Collected,
     collect_waiting,
@@ -76,7 +76,7 @@ class WorkerRuntime:
 
         With a broker URL the runtime also holds a :class:`~workers.lease.LeaseKeeper`
         (``unacked_index``: kombu's unacked sorted set, see
-        :func:`workers.celery_app.unacked_index_key`).
+        :func:`workers.broker.unacked_index_key`).
         """
         leases = None
         if settings.worker.broker_url is not None:
@@ -285,12 +285,12 @@ def register_tasks(app: Celery) -> Task:
     Parameters
     ----------
     app
-        The worker's app from :func:`workers.celery_app.create_app`.
+        The worker's app from :func:`workers.broker.create_app`.
 
     Returns
     -------
     celery.Task
-        The registered task (name :data:`workers.celery_app.TASK_ANALYSE`).
+        The registered task (name :data:`workers.broker.TASK_ANALYSE`).
     """
     global _REGISTERED_APP
     _REGISTERED_APP = app
@@ -338,7 +338,7 @@ def run_leased(
         The worker process's runtime (``runtime.leases`` None: no deduplication).
     collect
         ``limit -> context manager`` yielding further waiting messages
-        (:func:`workers.celery_app.collect_waiting`).
+        (:func:`workers.broker.collect_waiting`).
 
     Returns
     -------

@@ -25,12 +25,8 @@ from tests.conftest import testdata as dicom_testdata
 from tests.support.orthanc import orthanc_available, running_orthanc
 from tests.support.redis_server import RedisServer, free_port, redis_server  # noqa: F401
 from tests.support.services import running_listener, running_worker, write_config
-from workers.celery_app import (
-    TASK_ANALYSE,
-    CeleryJobQueue,
-    collect_waiting,
-    create_app,
-)
+from workers.broker import TASK_ANALYSE, collect_waiting, create_app
+from workers.publisher import CeleryJobQueue
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.settings import Settings, load_settings
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401
 from workers import tasks
-from workers.celery_app import CeleryJobQueue, Collected
+from workers.broker import Collected
 from workers.lease import (
     KOMBU_UNACKED_INDEX,
     LEASE_PREFIX,
@@ -29,6 +29,7 @@ from workers.lease import (
     LeaseKeeper,
     lease_ttl_s,
 )
+from workers.publisher import CeleryJobQueue
 
 pytestmark = pytest.mark.integration
 

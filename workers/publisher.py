@@ -1,0 +1,244 @@
+"""The listener's job queue on Celery + Redis (imports no model code).
+
+The listener never loses an image when Redis is down: a failed publish leaves the ledger
+row RECEIVED and a sweep thread publishes it again once Redis is back. See
+:mod:`workers.broker` for the delivery guarantees and :mod:`workers.lease` for how the
+sweep avoids copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import redis
+
+from cxr_pipeline.ledger import JobRecord, JobState, Ledger
+from cxr_pipeline.settings import Settings
+from workers.broker import TASK_ANALYSE, create_app
+from workers.lease import PublishMarks
+from workers.queue import ledger_path
+
+log = logging.getLogger(__name__)
+
+
+class CeleryJobQueue:
+    """The listener's :class:`workers.queue.JobQueue` on Celery + Redis.
+
+    :meth:`enqueue` never raises for a broker outage: the image is already spooled and
+    recorded RECEIVED, so it is kept in a retry set and a background sweep publishes it
+    again every ``worker.requeue_interval_s``. The sweep also re-publishes ledger rows
+    that stayed RECEIVED longer than ``worker.requeue_after_s`` (e.g. the listener was
+    restarted during an outage) and rows QUEUED/PROCESSING for longer than the
+    visibility timeout whose message is gone (a Redis without persistence restarted):
+    rows whose UID has a live worker lease or a publish marker in Redis are left alone
+    (see :mod:`workers.lease`), so a backlog waiting behind slow workers is not copied
+    again and again. Once the broker answers again after an outage this queue saw, every
+    QUEUED row without a marker is published again at once. A publish makes one connection
+    attempt, and while a backlog waits for the sweep new UIDs join it without one, so
+    C-STORE handlers are never held up by a dead broker.
+
+    Parameters
+    ----------
+    settings
+        Broker URL, queue name and sweep timings from ``settings.worker``.
+    ledger
+        The listener's ledger; None opens ``data_dir/ledger.sqlite3``.
+    sweep
+        Start the background sweep thread (tests call :meth:`sweep_once` instead).
+    """
+
+    def __init__(
+        self, settings: Settings, ledger: Ledger | None = None, *, sweep: bool = True
+    ) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        # The listener publishes from C-STORE handler threads: with kombu's default a
+        # publish to a dead broker retries connecting for about 6 s, per image, so a PACS
+        # would see every C-STORE stall during an outage. One attempt, then the sweep.
+        options = dict(self.app.conf.broker_transport_options or {})
+        options["max_retries"] = 0
+        self.app.conf.broker_transport_options = options
+        self.ledger = ledger if ledger is not None else Ledger(ledger_path(settings))
+        self.marks = PublishMarks(settings)
+        self._retry: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._outage_seen = False
+        """A publish failed since the last full recovery: QUEUED messages may be gone."""
+        self._thread: threading.Thread | None = None
+        if sweep:
+            self._thread = threading.Thread(
+                target=self._sweep_loop, name="cxr-requeue", daemon=True
+            )
+            self._thread.start()
+
+    # -- publishing --------------------------------------------------------------------
+
+    def _publish(self, uid: str, spool_path: str | None) -> bool:
+        try:
+            self.app.send_task(
+                TASK_ANALYSE,
+                args=[uid],
+                kwargs={"spool_path": spool_path},
+                queue=self.settings.worker.queue_name,
+                retry=False,
+            )
+        except Exception as exc:  # kombu raises OperationalError and friends
+            log.warning("broker unavailable, %s stays RECEIVED for re-enqueue: %s", uid, exc)
+            return False
+        self.marks.published(uid)
+        return True
+
+    def enqueue(self, uid: str, spool_path: str | Path | None = None) -> None:
+        """Publish one analysis task; on a broker outage keep it for the sweep.
+
+        While earlier publishes are waiting for the sweep (the broker was down a moment
+        ago), the UID joins them at once without a publish attempt: the C-STORE handler
+        is not held up, and the sweep publishes the backlog in arrival order once the
+        broker answers.
+
+        Parameters
+        ----------
+        uid
+            SOP Instance UID of a spooled, recorded instance.
+        spool_path
+            Where it is spooled (a hint; workers look the row up in the ledger).
+        """
+        with self._lock:
+            if self._retry:
+                self._retry.add(uid)
+                return
+        self._publish_recorded(uid, spool_path)
+
+    def _publish_recorded(self, uid: str, spool_path: str | Path | None) -> bool:
+        """Publish one task, keeping the ledger row consistent; False if the broker failed.
+
+        The ledger row is marked QUEUED before publishing (so a fast worker's
+        PROCESSING/DONE is never overwritten) and put back to RECEIVED if the publish
+        fails.
+        """
+        hint = None if spool_path is None else str(spool_path)
+        record = self.ledger.get(uid)
+        if record is not None and record.state == JobState.RECEIVED:
+            self.ledger.mark(uid, JobState.QUEUED)
+        if self._publish(uid, hint):
+            with self._lock:
+                self._retry.discard(uid)
+            return True
+        if record is not None and record.state == JobState.RECEIVED:
+            self.ledger.mark(uid, JobState.RECEIVED)
+        with self._lock:
+            self._retry.add(uid)
+            self._outage_seen = True
+        return False
+
+    # -- the re-enqueue sweep ----------------------------------------------------------
+
+    def _stale(self, record: JobRecord, now: float) -> bool:
+        worker = self.settings.worker
+        age = now - record.updated_at
+        if record.state == JobState.RECEIVED:
+            return age >= worker.requeue_after_s
+        return age >= worker.visibility_timeout_s + worker.requeue_after_s
+
+    def sweep_once(self) -> list[str]:
+        """Publish what failed to publish and stale unfinished ledger rows.
+
+        Returns
+        -------
+        list of str
+            UIDs published by this sweep.
+        """
+        with self._lock:
+            wanted = set(self._retry)
+        now = time.time()
+        records = {r.sop_instance_uid: r for r in self.ledger.unfinished()}
+        wanted.update(uid for uid, r in records.items() if self._stale(r, now))
+        wanted -= self._still_in_redis(
+            uid
+            for uid in wanted
+            if uid in records and records[uid].state in (JobState.QUEUED, JobState.PROCESSING)
+        )
+        published: list[str] = []
+        for uid in sorted(wanted, key=lambda u: records[u].received_at if u in records else 0):
+            record = records.get(uid)
+            if record is None:  # finished (or unknown) since its publish failed
+                with self._lock:
+                    self._retry.discard(uid)
+                continue
+            if not self._publish_recorded(uid, record.spool_path):
+                break  # broker still down: try again next sweep
+            if record.state in (JobState.QUEUED, JobState.PROCESSING):
+                # A stale row published again: restart its clock (only if no worker moved
+                # it meanwhile), or every sweep would publish it again until a worker
+                # takes it, flooding the queue with duplicates.
+                self.ledger.touch(uid, record.state)
+            published.append(uid)
+        with self._lock:
+            recovered = self._outage_seen and not self._retry
+        if recovered:
+            published += self._republish_queued(set(published))
+        if published:
+            log.info("re-enqueued %d instance(s)", len(published))
+        return published
+
+    def _still_in_redis(self, uids: Iterable[str]) -> set[str]:
+        """UIDs a live worker holds or whose message Redis still has (all, if it is down)."""
+        candidates = set(uids)
+        try:
+            return self.marks.busy(candidates)
+        except redis.RedisError:
+            return candidates  # no answer: publishing would fail anyway
+
+    def _republish_queued(self, skip: set[str]) -> list[str]:
+        """After an outage, publish every QUEUED row again.
+
+        A broker that went down may have lost the messages it held (Redis without
+        persistence restarts empty); waiting for the stale-row rule would delay those
+        images by the visibility timeout (an hour by default). Rows whose publish marker
+        or lease survived (Redis kept its data) are left alone; extra copies would be
+        harmless anyway: workers skip finished rows and result UIDs are deterministic.
+        """
+        published: list[str] = []
+        queued = [
+            r
+            for r in self.ledger.unfinished()
+            if r.state == JobState.QUEUED and r.sop_instance_uid not in skip
+        ]
+        busy = self._still_in_redis(r.sop_instance_uid for r in queued)
+        for record in queued:
+            uid = record.sop_instance_uid
+            if uid in busy:
+                continue
+            if not self._publish_recorded(uid, record.spool_path):
+                return published  # down again: the flag stays set, retried next sweep
+            self.ledger.touch(uid, JobState.QUEUED)
+            published.append(uid)
+        with self._lock:
+            if not self._retry:
+                self._outage_seen = False
+        return published
+
+    def pending(self) -> set[str]:
+        """UIDs whose last publish failed."""
+        with self._lock:
+            return set(self._retry)
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.settings.worker.requeue_interval_s):
+            try:
+                self.sweep_once()
+            except Exception:  # the sweep must outlive a transient ledger error
+                log.exception("re-enqueue sweep failed")
+
+    def close(self) -> None:
+        """Stop the sweep and release broker connections."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.app.close()
+        self.marks.close()

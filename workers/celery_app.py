@@ -1,5 +1,8 @@
 """The ``cxr-worker`` command: a Celery worker consuming the analysis queue.
 
+A worker needs only the broker URL and its model settings: it shares nothing with the
+listener but Redis (no data folder, no ledger, no spool; see :mod:`workers.transfer`).
+
 The Celery configuration, task name and collector are in :mod:`workers.broker`; the task
 itself in :mod:`workers.tasks`. The listener side is :mod:`workers.publisher`.
 """
@@ -25,7 +28,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help="TOML settings file (default: $CXR_CONFIG)")
     parser.add_argument("--broker", help="broker URL, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--concurrency", type=int, help="worker processes")
-    parser.add_argument("--data-dir", type=Path, help="shared data folder (spool, ledger)")
     parser.add_argument("--queues", help="comma-separated queues (default: worker.queue_name)")
     parser.add_argument(
         "--pool", default="prefork", choices=["prefork", "solo"], help="Celery pool"
@@ -51,8 +53,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker["concurrency"] = args.concurrency
     if worker:
         overrides["worker"] = worker
-    if args.data_dir:
-        overrides["data_dir"] = args.data_dir
     try:
         settings = load_settings(args.config, **overrides)
         app = create_app(settings)

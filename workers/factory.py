@@ -37,5 +37,5 @@ def make_queue(settings: Settings, ledger: Ledger, spool: Spool) -> JobQueue:
     # Imported only here: the embedded mode needs no Celery.
     from workers.publisher import CeleryJobQueue
 
-    queue: JobQueue = CeleryJobQueue(settings, ledger)
+    queue: JobQueue = CeleryJobQueue(settings, ledger, spool)
     return queue

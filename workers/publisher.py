@@ -1,6 +1,10 @@
 """The listener's job queue on Celery + Redis (imports no model code).
 
-The listener never loses an image when Redis is down: a failed publish leaves the ledger
+Workers share nothing with the listener but Redis (:mod:`workers.transfer`): the listener
+publishes each task with the instance bytes as its payload, within a payload budget
+(backpressure from the durable spool above it), and :class:`workers.results.ResultRecorder`
+records what workers report and sends their results. Only the listener touches its spool
+and ledger. It never loses an image when Redis is down: a failed publish leaves the ledger
 row RECEIVED and a sweep thread publishes it again once Redis is back. See
 :mod:`workers.broker` for the delivery guarantees and :mod:`workers.lease` for how the
 sweep avoids copies.
@@ -16,11 +20,15 @@ from pathlib import Path
 
 import redis
 
-from cxr_pipeline.ledger import JobRecord, JobState, Ledger
+from cxr_pipeline.errors import Reason
+from cxr_pipeline.ledger import UNFINISHED_STATES, JobRecord, JobState, Ledger
 from cxr_pipeline.settings import Settings
+from cxr_pipeline.spool import Spool
 from workers.broker import TASK_ANALYSE, create_app
-from workers.lease import PublishMarks
-from workers.queue import ledger_path
+from workers.lease import PublishMarks, redis_client
+from workers.queue import ledger_path, spool_root
+from workers.results import ResultRecorder
+from workers.transfer import keys_ttl_s, payload_bytes, put_payload
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +60,13 @@ class CeleryJobQueue:
     """
 
     def __init__(
-        self, settings: Settings, ledger: Ledger | None = None, *, sweep: bool = True
+        self,
+        settings: Settings,
+        ledger: Ledger | None = None,
+        spool: Spool | None = None,
+        *,
+        sweep: bool = True,
+        results: bool = True,
     ) -> None:
         self.settings = settings
         self.app = create_app(settings)
@@ -63,10 +77,27 @@ class CeleryJobQueue:
         options["max_retries"] = 0
         self.app.conf.broker_transport_options = options
         self.ledger = ledger if ledger is not None else Ledger(ledger_path(settings))
-        self.marks = PublishMarks(settings)
+        self.spool = spool if spool is not None else Spool(spool_root(settings))
+        url = settings.worker.broker_url
+        assert url is not None  # create_app raised ConfigError otherwise
+        self.client = redis_client(url)
+        self.marks = PublishMarks(settings, self.client)
+        self._keys_ttl_s = keys_ttl_s(settings)
         self._retry: set[str] = set()
+        """Backlog: UIDs to publish (broker down, or payload budget full)."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.recorder: ResultRecorder | None = None
+        if results:
+            self.recorder = ResultRecorder(
+                settings,
+                self.ledger,
+                self.spool,
+                self.client,
+                republish=self.republish,
+                room_freed=self._room_freed,
+            )
         self._outage_seen = False
         """A publish failed since the last full recovery: QUEUED messages may be gone."""
         self._thread: threading.Thread | None = None
@@ -78,63 +109,107 @@ class CeleryJobQueue:
 
     # -- publishing --------------------------------------------------------------------
 
-    def _publish(self, uid: str, spool_path: str | None) -> bool:
+    def _publish(self, uid: str, data: bytes) -> bool:
         try:
+            put_payload(self.client, uid, data, self._keys_ttl_s)
             self.app.send_task(
-                TASK_ANALYSE,
-                args=[uid],
-                kwargs={"spool_path": spool_path},
-                queue=self.settings.worker.queue_name,
-                retry=False,
+                TASK_ANALYSE, args=[uid], queue=self.settings.worker.queue_name, retry=False
             )
-        except Exception as exc:  # kombu raises OperationalError and friends
+        except Exception as exc:  # kombu raises OperationalError, redis-py RedisError
             log.warning("broker unavailable, %s stays RECEIVED for re-enqueue: %s", uid, exc)
             return False
         self.marks.published(uid)
         return True
 
     def enqueue(self, uid: str, spool_path: str | Path | None = None) -> None:
-        """Publish one analysis task; on a broker outage keep it for the sweep.
+        """Publish one analysis task with its payload; else keep it for the sweep.
 
-        While earlier publishes are waiting for the sweep (the broker was down a moment
-        ago), the UID joins them at once without a publish attempt: the C-STORE handler
-        is not held up, and the sweep publishes the backlog in arrival order once the
-        broker answers.
+        While earlier UIDs wait for the sweep (the broker was down a moment ago, or the
+        payload budget is full), the UID joins them at once without a publish attempt: the
+        C-STORE handler is not held up, and the sweep publishes the backlog in arrival
+        order once the broker answers and room frees. A row whose results already wait in
+        the outbox (the listener restarted before sending them) is sent, not published.
 
         Parameters
         ----------
         uid
             SOP Instance UID of a spooled, recorded instance.
         spool_path
-            Where it is spooled (a hint; workers look the row up in the ledger).
+            Ignored (the ledger row says where it is spooled); kept for callers.
         """
         with self._lock:
             if self._retry:
                 self._retry.add(uid)
                 return
-        self._publish_recorded(uid, spool_path)
+        self._publish_recorded(uid)
 
-    def _publish_recorded(self, uid: str, spool_path: str | Path | None) -> bool:
-        """Publish one task, keeping the ledger row consistent; False if the broker failed.
+    def _room_for(self, size: int) -> bool:
+        """Whether ``size`` more payload bytes fit the budget (always, when none is used)."""
+        try:
+            used = payload_bytes(self.client)
+        except redis.RedisError:
+            return True  # the publish will tell whether Redis is down
+        return used == 0 or used + size <= self.settings.worker.payload_budget_bytes
 
-        The ledger row is marked QUEUED before publishing (so a fast worker's
-        PROCESSING/DONE is never overwritten) and put back to RECEIVED if the publish
-        fails.
+    def _publish_recorded(self, uid: str, spool_path: str | Path | None = None) -> bool:
+        """Publish one task with its payload, keeping the ledger row consistent.
+
+        The ledger row is marked QUEUED before publishing (so a fast worker's PROCESSING
+        is never overwritten) and put back to RECEIVED if the publish fails.
+
+        Returns
+        -------
+        bool
+            False when the UID stays in the backlog: the broker failed, or the payload
+            budget is full (backpressure: the row stays RECEIVED, the image in the spool).
         """
-        hint = None if spool_path is None else str(spool_path)
         record = self.ledger.get(uid)
-        if record is not None and record.state == JobState.RECEIVED:
-            self.ledger.mark(uid, JobState.QUEUED)
-        if self._publish(uid, hint):
-            with self._lock:
-                self._retry.discard(uid)
+        if record is None or record.state not in UNFINISHED_STATES:
+            self._discard(uid)
             return True
-        if record is not None and record.state == JobState.RECEIVED:
+        if self.recorder is not None and self.recorder.has_results(uid):
+            self.recorder.send(uid)
+            self._discard(uid)
+            return True
+        try:
+            data = record.spool_path.read_bytes()
+        except OSError as exc:
+            reason = f"{Reason.INTERNAL.value}: spooled file unreadable ({type(exc).__name__})"
+            self.ledger.mark(uid, JobState.FAILED, reason=reason)
+            log.error("%s failed: %s", uid, reason)
+            self._discard(uid)
+            return True
+        if not self._room_for(len(data)):
+            with self._lock:
+                self._retry.add(uid)
+            return False
+        if record.state == JobState.RECEIVED:
+            self.ledger.mark(uid, JobState.QUEUED)
+        if self._publish(uid, data):
+            self._discard(uid)
+            return True
+        if record.state == JobState.RECEIVED:
             self.ledger.mark(uid, JobState.RECEIVED)
         with self._lock:
             self._retry.add(uid)
             self._outage_seen = True
         return False
+
+    def _discard(self, uid: str) -> None:
+        with self._lock:
+            self._retry.discard(uid)
+
+    def republish(self, uid: str) -> None:
+        """Publish ``uid`` again now (a worker found no payload: Redis lost it)."""
+        with self._lock:
+            self._retry.add(uid)
+        self._wake.set()
+
+    def _room_freed(self) -> None:
+        with self._lock:
+            waiting = bool(self._retry)
+        if waiting:
+            self._wake.set()
 
     # -- the re-enqueue sweep ----------------------------------------------------------
 
@@ -224,21 +299,29 @@ class CeleryJobQueue:
         return published
 
     def pending(self) -> set[str]:
-        """UIDs whose last publish failed."""
+        """UIDs waiting to be published (broker down, or payload budget full)."""
         with self._lock:
             return set(self._retry)
 
     def _sweep_loop(self) -> None:
-        while not self._stop.wait(self.settings.worker.requeue_interval_s):
+        while True:
+            self._wake.wait(self.settings.worker.requeue_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.sweep_once()
-            except Exception:  # the sweep must outlive a transient ledger error
+                payload_bytes(self.client, prune=True)  # sizes of expired payloads
+            except Exception:  # the sweep must outlive a transient ledger or Redis error
                 log.exception("re-enqueue sweep failed")
 
     def close(self) -> None:
         """Stop the sweep and release broker connections."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.recorder is not None:
+            self.recorder.close()
         self.app.close()
         self.marks.close()

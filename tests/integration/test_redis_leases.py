@@ -121,6 +121,8 @@ def test_renewal_refreshes_held_unacked_messages_only(
 def _queued_ledger(data_dir: Path) -> Ledger:
     ledger = Ledger(data_dir / "ledger.sqlite3")
     for uid in UIDS:
+        # The bytes the listener publishes as the payload (never decoded in these tests).
+        (data_dir / f"{uid}.dcm").write_bytes(b"instance " + uid.encode())
         ledger.record_received(
             uid, study_uid="1.2.3", calling_ae="MODALITY", spool_path=data_dir / f"{uid}.dcm"
         )

@@ -85,6 +85,8 @@ class CeleryJobQueue:
         self._keys_ttl_s = keys_ttl_s(settings)
         self._retry: set[str] = set()
         """Backlog: UIDs to publish (broker down, or payload budget full)."""
+        self._forced: set[str] = set()
+        """UIDs to publish even though Redis still shows a marker or lease for them."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -171,6 +173,13 @@ class CeleryJobQueue:
             self.recorder.send(uid)
             self._discard(uid)
             return True
+        with self._lock:
+            forced = uid in self._forced
+        if not forced and record.state != JobState.RECEIVED and uid in self._still_in_redis([uid]):
+            # Published before (e.g. this listener restarted): its message, lease or
+            # results are still in Redis; a copy would only be analysed again.
+            self._discard(uid)
+            return True
         try:
             data = record.spool_path.read_bytes()
         except OSError as exc:
@@ -198,11 +207,13 @@ class CeleryJobQueue:
     def _discard(self, uid: str) -> None:
         with self._lock:
             self._retry.discard(uid)
+            self._forced.discard(uid)
 
     def republish(self, uid: str) -> None:
         """Publish ``uid`` again now (a worker found no payload: Redis lost it)."""
         with self._lock:
             self._retry.add(uid)
+            self._forced.add(uid)
         self._wake.set()
 
     def _room_freed(self) -> None:

@@ -28,13 +28,13 @@ from typing import Any
 import redis
 
 from cxr_pipeline.settings import Settings
+from workers.lease import RESULT_PREFIX as RESULT_PREFIX  # the sweep checks it too
 from workers.lease import marker_ttl_s
 
 log = logging.getLogger(__name__)
 
 PAYLOAD_PREFIX = "cxr:payload:"
 PAYLOAD_SIZES = "cxr:payload_sizes"
-RESULT_PREFIX = "cxr:result:"
 EVENTS = "cxr:events"
 EVENTS_GROUP = "listeners"
 EVENTS_MAXLEN = 100_000

@@ -93,7 +93,6 @@ def run_once(
         listen_port=port,
         broker=server.url,
         explain=explain,
-        log_level="WARNING",
         worker={"micro_batch_wait_s": 0.05, "requeue_after_s": 60.0},
     )
     datasets = chest_datasets(_pngs(), images)

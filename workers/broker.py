@@ -1,7 +1,8 @@
 """Celery on Redis, shared by both sides: the app factory, the task name, the collector.
 
-Messages carry SOP Instance UIDs (and the spool path as a hint), never pixel data: the
-listener and the workers share ``data_dir`` (spool + ledger). Delivery is at least once:
+Messages carry SOP Instance UIDs only; the instance bytes wait in a payload key beside them
+and results come back through Redis (:mod:`workers.transfer`): workers share nothing with
+the listener but Redis. Delivery is at least once:
 ``task_acks_late`` + ``task_reject_on_worker_lost`` redeliver a task whose worker died,
 ``worker_prefetch_multiplier=1`` keeps waiting work in Redis (where other workers and the
 micro-batch collector can take it) and the Redis visibility timeout redelivers a task that
@@ -34,7 +35,7 @@ from cxr_pipeline.settings import Settings
 from workers.lease import KOMBU_UNACKED_INDEX
 
 TASK_ANALYSE = "cxr.analyse_instance"
-"""Name of the task that analyses one spooled instance (args: uid; kwargs: spool_path)."""
+"""Name of the task that analyses one instance (args: uid; its payload is in Redis)."""
 
 SETTINGS_CONF_KEY = "cxr_settings_json"
 """Key of ``app.conf`` carrying the full settings to worker processes."""

@@ -31,10 +31,10 @@ class JobQueue(Protocol):
 
 
 def ledger_path(settings: Settings) -> Path:
-    """Return the ledger file under ``data_dir`` (shared by listener and workers)."""
+    """Return the ledger file under ``data_dir`` (the listener's; workers never open it)."""
     return settings.data_dir / LEDGER_FILE
 
 
 def spool_root(settings: Settings) -> Path:
-    """Return the spool folder under ``data_dir`` (shared by listener and workers)."""
+    """Return the spool folder under ``data_dir`` (the listener's; workers never open it)."""
     return settings.data_dir / SPOOL_DIR

@@ -211,6 +211,13 @@ class WorkerSettings(_Section):
     """Listener side: how often the re-enqueue sweep runs."""
     task_time_limit_s: int = 1800
     """Hard time limit of one Celery task (the worker process is replaced after it)."""
+    payload_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    """Celery: most instance bytes the listener keeps in Redis for workers at once. Above
+    it, received images wait in the listener's durable spool (still acknowledged to the
+    modality) and are published as room frees: backpressure, not refusal. An image larger
+    than the whole budget is published alone."""
+    send_threads: int = Field(default=2, ge=1)
+    """Celery: listener threads that C-STORE the results workers return through Redis."""
     lease_ttl_s: float = Field(default=15.0, gt=0.0)
     """Celery: a worker holds a per-UID lease in Redis while it runs a job, renewed every
     third of this (at most half of ``visibility_timeout_s``); a redelivered copy of a job

@@ -1,7 +1,10 @@
 """``cxr-status``: what the service has received and what became of it.
 
 Reads the ledger under ``data_dir``: counts per state and the most recent rows (UIDs,
-states, reasons; never patient data). ``--requeue-failed`` moves FAILED rows back to
+states, reasons; never patient data). With a broker configured it also shows the backlog:
+images accepted into the spool but not yet published (Redis down, or the payload budget
+full), and what Redis holds (payload bytes against the budget, tasks waiting and taken,
+events the listener has not recorded yet). ``--requeue-failed`` moves FAILED rows back to
 RECEIVED; the running listener's re-enqueue sweep (or its next start) queues them.
 """
 
@@ -21,7 +24,7 @@ from rich.table import Table
 
 from cxr_pipeline.errors import CxrError
 from cxr_pipeline.ledger import JobRecord, JobState, Ledger
-from cxr_pipeline.settings import load_settings
+from cxr_pipeline.settings import Settings, load_settings
 from workers.queue import ledger_path
 
 
@@ -59,12 +62,94 @@ def _row(record: JobRecord) -> dict[str, Any]:
     }
 
 
+def backlog(settings: Settings, counts: dict[JobState, int]) -> dict[str, Any] | None:
+    """Measure the Celery backlog: spool rows waiting to be published, what Redis holds.
+
+    Parameters
+    ----------
+    settings
+        ``worker.broker_url`` (None: embedded mode, no backlog to show).
+    counts
+        Ledger rows per state.
+
+    Returns
+    -------
+    dict or None
+        ``waiting_in_spool`` (RECEIVED rows), ``payload_bytes`` / ``payload_budget_bytes``,
+        ``tasks_waiting``, ``tasks_taken``, ``events_unrecorded``; the Redis figures are
+        None with ``redis_error`` set when Redis does not answer.
+    """
+    worker = settings.worker
+    if worker.broker_url is None:
+        return None
+    # Imported here: the embedded mode needs no Redis client.
+    import redis
+
+    from workers.lease import redis_client
+    from workers.transfer import EVENTS, EVENTS_GROUP, payload_bytes
+
+    out: dict[str, Any] = {
+        "waiting_in_spool": counts[JobState.RECEIVED],
+        "payload_budget_bytes": worker.payload_budget_bytes,
+        "payload_bytes": None,
+        "tasks_waiting": None,
+        "tasks_taken": None,
+        "events_unrecorded": None,
+    }
+    client = redis_client(worker.broker_url)
+    try:
+        out["payload_bytes"] = payload_bytes(client)
+        out["tasks_waiting"] = int(client.llen(worker.queue_name))  # type: ignore[arg-type]
+        out["tasks_taken"] = int(client.hlen("unacked"))  # type: ignore[arg-type]
+        try:
+            groups: Any = client.xinfo_groups(EVENTS)
+            group = next(
+                (g for g in groups if g["name"] in (EVENTS_GROUP, EVENTS_GROUP.encode())), None
+            )
+            out["events_unrecorded"] = (
+                0 if group is None else int(group.get("lag") or 0) + int(group["pending"])
+            )
+        except redis.ResponseError:  # no stream yet
+            out["events_unrecorded"] = 0
+    except redis.RedisError as exc:
+        out["redis_error"] = type(exc).__name__
+    finally:
+        client.close()
+    return out
+
+
 def _time(stamp: float) -> str:
     return dt.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def tables(counts: dict[JobState, int], recent: Sequence[JobRecord]) -> Group:
-    """Build the counts table and the recent-rows table.
+def _backlog_table(queued: dict[str, Any]) -> Table:
+    table = Table(title="backlog (Celery on Redis)")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    budget = queued["payload_budget_bytes"]
+    used = queued["payload_bytes"]
+    table.add_row("accepted, waiting in the spool to be published", str(queued["waiting_in_spool"]))
+    table.add_row(
+        "payload in Redis / budget (MiB)",
+        "?" if used is None else f"{used / 2**20:.1f} / {budget / 2**20:.1f}",
+    )
+    for key, label in (
+        ("tasks_waiting", "tasks waiting for a worker"),
+        ("tasks_taken", "tasks taken, not yet acknowledged"),
+        ("events_unrecorded", "worker events not yet recorded"),
+    ):
+        table.add_row(label, "?" if queued[key] is None else str(queued[key]))
+    if "redis_error" in queued:
+        table.add_row("Redis", f"[red]not answering ({queued['redis_error']})[/red]")
+    return table
+
+
+def tables(
+    counts: dict[JobState, int],
+    recent: Sequence[JobRecord],
+    queued: dict[str, Any] | None = None,
+) -> Group:
+    """Build the counts table, the backlog table (Celery) and the recent-rows table.
 
     Parameters
     ----------
@@ -72,17 +157,22 @@ def tables(counts: dict[JobState, int], recent: Sequence[JobRecord]) -> Group:
         Rows per state.
     recent
         Most recent rows.
+    queued
+        :func:`backlog` (None: embedded mode, no backlog table).
 
     Returns
     -------
     rich.console.Group
-        Both tables, ready to print or to show live.
+        The tables, ready to print or to show live.
     """
     totals = Table(title="jobs by state")
     totals.add_column("state")
     totals.add_column("count", justify="right")
     for state in JobState:
         totals.add_row(state.value, str(counts[state]))
+    parts: list[Table] = [totals]
+    if queued is not None:
+        parts.append(_backlog_table(queued))
     rows = Table(title=f"{len(recent)} most recent")
     for column in ("updated", "SOP Instance UID", "calling AE", "state", "tries", "reason"):
         rows.add_column(column, overflow="fold")
@@ -95,7 +185,8 @@ def tables(counts: dict[JobState, int], recent: Sequence[JobRecord]) -> Group:
             str(r.attempts),
             r.reason or "",
         )
-    return Group(totals, rows)
+    parts.append(rows)
+    return Group(*parts)
 
 
 def render(
@@ -103,8 +194,9 @@ def render(
     recent: Sequence[JobRecord],
     requeued: Sequence[str] | None,
     console: Console,
+    queued: dict[str, Any] | None = None,
 ) -> None:
-    """Print counts, recent rows and requeued UIDs as rich tables.
+    """Print counts, the backlog, recent rows and requeued UIDs as rich tables.
 
     Parameters
     ----------
@@ -116,19 +208,25 @@ def render(
         UIDs moved back to RECEIVED, or None when not asked.
     console
         Where to print.
+    queued
+        :func:`backlog` (None: embedded mode).
     """
-    console.print(tables(counts, recent))
+    console.print(tables(counts, recent, queued))
     if requeued is not None:
         console.print(f"requeued {len(requeued)} failed jobs")
 
 
-def watch(ledger: Ledger, limit: int, interval_s: float, console: Console) -> None:
+def watch(
+    ledger: Ledger, settings: Settings, limit: int, interval_s: float, console: Console
+) -> None:
     """Show the tables live, refreshed from the ledger every ``interval_s``, until Ctrl-C.
 
     Parameters
     ----------
     ledger
         The listener's ledger (read only).
+    settings
+        For the Celery backlog (:func:`backlog`).
     limit
         Recent rows shown.
     interval_s
@@ -136,11 +234,15 @@ def watch(ledger: Ledger, limit: int, interval_s: float, console: Console) -> No
     console
         Where to draw.
     """
-    with Live(tables(ledger.counts(), ledger.recent(limit)), console=console) as live:
+    def view() -> Group:
+        counts = ledger.counts()
+        return tables(counts, ledger.recent(limit), backlog(settings, counts))
+
+    with Live(view(), console=console) as live:
         try:
             while True:
                 time.sleep(interval_s)
-                live.update(tables(ledger.counts(), ledger.recent(limit)))
+                live.update(view())
         except KeyboardInterrupt:
             return
 
@@ -171,8 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     requeued = ledger.requeue_failed() if args.requeue_failed else None
     counts = ledger.counts()
     recent = ledger.recent(args.limit)
+    queued = backlog(settings, counts)
     if args.watch is not None and not args.json:
-        watch(ledger, args.limit, max(args.watch, 0.2), console)
+        watch(ledger, settings, args.limit, max(args.watch, 0.2), console)
     elif args.json:
         print(
             json.dumps(
@@ -180,12 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "counts": {state.value: n for state, n in counts.items()},
                     "recent": [_row(r) for r in recent],
                     "requeued": requeued,
+                    "backlog": queued,
                 },
                 indent=2,
             )
         )
     else:
-        render(counts, recent, requeued, console)
+        render(counts, recent, requeued, console, queued)
     ledger.close()
     return 0
 

@@ -41,7 +41,8 @@ from listeners.handlers import StoreHandler, handle_echo
 from listeners.security import EdgeGuard
 from listeners.server import pdu_inspector, start_guarded_server
 from listeners.tls import server_context
-from workers.queue import JobQueue, ledger_path, make_queue, spool_root
+from workers.factory import make_queue
+from workers.queue import JobQueue, ledger_path, spool_root
 
 log = logging.getLogger("listeners.storescp")
 

@@ -54,6 +54,9 @@ LEASE_PREFIX = "cxr:lease:"
 QUEUED_PREFIX = "cxr:queued:"
 """Key saying that a task message for one UID was published and is still in Redis."""
 
+RESULT_PREFIX = "cxr:result:"
+"""Results a worker returned for one UID (see :mod:`workers.transfer`)."""
+
 KOMBU_UNACKED_INDEX = "unacked_index"
 """kombu's Redis transport: sorted set of unacknowledged delivery tags scored by the time
 they were delivered (``Channel.unacked_index_key``; overridable in transport options)."""
@@ -122,7 +125,9 @@ class PublishMarks:
             log.debug("%s: publish marker not set (%s)", uid, type(exc).__name__)
 
     def busy(self, uids: Iterable[str]) -> set[str]:
-        """UIDs whose message is still in Redis or whose job a live worker holds.
+        """Find the UIDs Redis still has work of: a message, a live lease or results.
+
+        Results count as well: they wait there for the listener to record them.
 
         Raises
         ------
@@ -134,7 +139,7 @@ class PublishMarks:
             return set()
         pipe = self.client.pipeline(transaction=False)
         for uid in ordered:
-            pipe.exists(LEASE_PREFIX + uid, QUEUED_PREFIX + uid)
+            pipe.exists(LEASE_PREFIX + uid, QUEUED_PREFIX + uid, RESULT_PREFIX + uid)
         counts = pipe.execute()
         return {uid for uid, count in zip(ordered, counts, strict=True) if int(count) > 0}
 

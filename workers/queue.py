@@ -3,7 +3,8 @@
 The listener only ever calls :meth:`JobQueue.enqueue` with a SOP Instance UID that is
 already spooled and recorded in the ledger, and :meth:`JobQueue.close` at shutdown.
 Implementations: :class:`workers.local.LocalWorkerPool` (embedded threads, no broker)
-and ``workers.celery_app.CeleryJobQueue`` (Celery on Redis).
+and :class:`workers.publisher.CeleryJobQueue` (Celery on Redis); :func:`workers.factory.make_queue`
+builds the one the settings ask for. This module imports no other worker module.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from cxr_pipeline.ledger import Ledger
     from cxr_pipeline.settings import Settings
-    from cxr_pipeline.spool import Spool
 
 LEDGER_FILE = "ledger.sqlite3"
 SPOOL_DIR = "spool"
@@ -32,37 +31,10 @@ class JobQueue(Protocol):
 
 
 def ledger_path(settings: Settings) -> Path:
-    """Return the ledger file under ``data_dir`` (shared by listener and workers)."""
+    """Return the ledger file under ``data_dir`` (the listener's; workers never open it)."""
     return settings.data_dir / LEDGER_FILE
 
 
 def spool_root(settings: Settings) -> Path:
-    """Return the spool folder under ``data_dir`` (shared by listener and workers)."""
+    """Return the spool folder under ``data_dir`` (the listener's; workers never open it)."""
     return settings.data_dir / SPOOL_DIR
-
-
-def make_queue(settings: Settings, ledger: Ledger, spool: Spool) -> JobQueue:
-    """Build the queue the settings ask for.
-
-    Parameters
-    ----------
-    settings
-        ``worker.broker_url`` None: embedded :class:`~workers.local.LocalWorkerPool`
-        (loads the model in this process); else Celery on that broker.
-    ledger, spool
-        The service's ledger and spool.
-
-    Returns
-    -------
-    JobQueue
-        A started queue; call ``close()`` at shutdown.
-    """
-    if settings.worker.broker_url is None:
-        from workers.local import LocalWorkerPool
-
-        return LocalWorkerPool(settings, ledger, spool)
-    # Imported only here: the embedded mode needs no Celery.
-    from workers.celery_app import CeleryJobQueue
-
-    queue: JobQueue = CeleryJobQueue(settings, ledger)
-    return queue

@@ -1,21 +1,21 @@
 """The Celery task of ``cxr-worker`` and its micro-batch collector.
 
-One task message = one SOP Instance UID. When a worker takes a task it also takes up to
-``model.batch_size - 1`` further analysis messages already waiting in its Redis queue
-(waiting at most ``worker.micro_batch_wait_s`` for them), so that a backlog is classified
-in one forward pass:
+A worker shares nothing with the listener but Redis (:mod:`workers.transfer`): one task
+message = one SOP Instance UID, whose instance bytes wait in ``cxr:payload:<uid>``. When a
+worker takes a task it also takes up to ``model.batch_size - 1`` further analysis messages
+already waiting in its Redis queue (waiting at most ``worker.micro_batch_wait_s`` for
+them), so that a backlog is classified in one forward pass:
 
-1. :func:`workers.celery_app.collect_waiting` pulls waiting messages with ``basic_get`` on
-   the worker's own broker connection, unacknowledged: if the process dies they return to
-   the queue after the visibility timeout, exactly like the task message (``acks_late``).
-2. :func:`classify_batch` decodes the batch and runs **one** ``predict_images`` call
-   for all images.
-3. For each image in turn, :func:`write_batch_results` builds its heatmap, SR and SC with
-   the probability from that batched pass and writes them durably to the spool outbox,
-   then :func:`cxr_pipeline.jobs.process_job` finds them there (its documented resume
-   path), sends them and records the outcome in the ledger. Anything the batch path could
-   not do (a rejected or broken image) is left to ``process_job``, which analyses it alone
-   and records why it failed.
+1. Every job runs under its UID's lease (:mod:`workers.lease`); a copy of a job another
+   live worker holds is dropped. :func:`workers.broker.collect_waiting` pulls waiting
+   messages with ``basic_get``, unacknowledged: if the process dies they return to the
+   queue after the visibility timeout, exactly like the task message (``acks_late``).
+2. :func:`run_batch` reads the payloads, reports ``processing``, decodes them and
+   :func:`classify_batch` runs **one** ``predict_images`` call for all images.
+3. For each image in turn it builds the heatmap, SR and SC with the probability from that
+   batched pass, puts them in ``cxr:result:<uid>``, reports ``analysed`` (or ``skipped`` /
+   ``failed`` with the reason) and deletes the payload. The listener records the outcome,
+   moves the results into its outbox and sends them: it is the only DICOM exit.
 4. The collected messages are acknowledged after step 3, or rejected back to the queue if
    the batch raised.
 
@@ -25,68 +25,77 @@ children, lazily on the first task for the solo pool. Nothing touches CUDA at im
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
 import numpy as np
+import redis
 from celery import Celery, Task, signals
 from pydicom.dataset import Dataset
 
-from cxr_pipeline.errors import CxrError
+from cxr_pipeline.errors import CxrError, Reason, RejectedInput
 from cxr_pipeline.inference import Predictor
 from cxr_pipeline.ingest import Radiograph, load_radiograph
-from cxr_pipeline.jobs import process_job
-from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.pipeline import Engine, analyse_radiograph
 from cxr_pipeline.settings import Settings
-from cxr_pipeline.spool import SUFFIX, Spool, write_durably
-from workers.celery_app import (
+from workers.broker import (
     TASK_ANALYSE,
     Collected,
     collect_waiting,
     settings_from_app,
     unacked_index_key,
 )
-from workers.lease import KOMBU_UNACKED_INDEX, LeaseKeeper
-from workers.queue import ledger_path, spool_root
+from workers.lease import KOMBU_UNACKED_INDEX, LeaseKeeper, redis_client
+from workers.transfer import (
+    Event,
+    Outcome,
+    drop_payload,
+    emit,
+    get_payload,
+    keys_ttl_s,
+    put_results,
+)
 
 log = logging.getLogger(__name__)
-
-FINAL_STATES = frozenset({JobState.DONE, JobState.SKIPPED, JobState.FAILED})
-"""States after which a job's message is no longer needed in Redis."""
 
 
 @dataclass
 class WorkerRuntime:
-    """What one worker process holds: settings, ledger, spool and the loaded model."""
+    """What one worker process holds: settings, its Redis client, leases and the model.
+
+    Nothing here points at the listener's disk: instance bytes come from Redis and
+    results and states go back there (:mod:`workers.transfer`).
+    """
 
     settings: Settings
-    ledger: Ledger
-    spool: Spool
+    client: redis.Redis
     leases: LeaseKeeper | None = None
     _engine: Engine | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, settings: Settings, *, unacked_index: str | None = None) -> WorkerRuntime:
-        """Open the shared ledger and spool under ``settings.data_dir`` (no model yet).
+        """Connect to the broker's Redis (no model yet).
 
-        With a broker URL the runtime also holds a :class:`~workers.lease.LeaseKeeper`
-        (``unacked_index``: kombu's unacked sorted set, see
-        :func:`workers.celery_app.unacked_index_key`).
+        Parameters
+        ----------
+        settings
+            ``worker.broker_url`` must be set.
+        unacked_index
+            kombu's unacked sorted set (:func:`workers.broker.unacked_index_key`).
         """
-        leases = None
-        if settings.worker.broker_url is not None:
-            leases = LeaseKeeper(settings, unacked_index_key=unacked_index or KOMBU_UNACKED_INDEX)
-        return cls(
-            settings=settings,
-            ledger=Ledger(ledger_path(settings)),
-            spool=Spool(spool_root(settings)),
-            leases=leases,
+        url = settings.worker.broker_url
+        if url is None:
+            raise ValueError("a Celery worker needs worker.broker_url")
+        client = redis_client(url)
+        leases = LeaseKeeper(
+            settings, unacked_index_key=unacked_index or KOMBU_UNACKED_INDEX, client=client
         )
+        return cls(settings=settings, client=client, leases=leases)
 
     @property
     def engine(self) -> Engine:
@@ -139,11 +148,10 @@ class _PrecomputedPredictor:
         return getattr(self._inner, name)
 
 
-def _writer(ds: Dataset) -> Callable[[BinaryIO], None]:
-    def write(handle: BinaryIO) -> None:
-        ds.save_as(handle, enforce_file_format=True)
-
-    return write
+def _part10(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 @dataclass
@@ -155,36 +163,21 @@ class ClassifiedBatch:
     infer_ms_per_image: float
 
 
-def classify_batch(uids: Sequence[str], runtime: WorkerRuntime) -> ClassifiedBatch | None:
-    """Decode several spooled instances and classify them in one forward pass.
-
-    Instances already finished, with results already in the outbox, or that cannot be
-    decoded are left out (``process_job`` handles and records them).
+def classify_batch(images: dict[str, Radiograph], runtime: WorkerRuntime) -> ClassifiedBatch | None:
+    """Classify several decoded images in one forward pass.
 
     Parameters
     ----------
-    uids
-        SOP Instance UIDs recorded in the ledger.
+    images
+        UID -> decoded radiograph.
     runtime
-        The worker process's ledger, spool and model.
+        The worker process's model.
 
     Returns
     -------
     ClassifiedBatch or None
         None when fewer than two images could be batched (nothing to gain).
     """
-    ledger, spool, settings = runtime.ledger, runtime.spool, runtime.settings
-    images: dict[str, Radiograph] = {}
-    for uid in uids:
-        record = ledger.get(uid)
-        if record is None or record.state in (JobState.DONE, JobState.SKIPPED):
-            continue
-        if spool.outbox_files(uid):
-            continue
-        try:
-            images[uid] = load_radiograph(spool.path_for(uid), settings.ingest)
-        except CxrError as exc:
-            log.info("%s: left to the single-image path (%s)", uid, exc.reason.value)
     if len(images) < 2:
         return None
     engine = runtime.engine
@@ -201,71 +194,106 @@ def classify_batch(uids: Sequence[str], runtime: WorkerRuntime) -> ClassifiedBat
     )
     return ClassifiedBatch(
         engine=Engine(settings=engine.settings, predictor=cast(Predictor, proxy)),
-        images=images,
+        images=dict(images),
         infer_ms_per_image=infer_ms / len(images),
     )
 
 
-def write_batch_results(uid: str, batch: ClassifiedBatch, spool: Spool) -> bool:
-    """Build the heatmap, SR and SC of one classified image and put them in its outbox.
+def _report(runtime: WorkerRuntime, uid: str, outcome: Outcome, reason: str = "") -> Outcome:
+    emit(runtime.client, Event(uid=uid, outcome=outcome, reason=reason))
+    return outcome
 
-    Parameters
-    ----------
-    uid
-        One of ``batch.images``.
-    batch
-        The classified micro-batch.
-    spool
-        Where the outbox is.
 
-    Returns
-    -------
-    bool
-        True when the results are in the outbox; False when this failed (the outbox is
-        cleared and ``process_job`` analyses the image alone, recording any failure).
-    """
-    image = batch.images[uid]
+def _finish(runtime: WorkerRuntime, uid: str, outcome: Outcome, reason: str = "") -> Outcome:
+    """Report an outcome, then free the payload (the listener still has the spooled file)."""
+    _report(runtime, uid, outcome, reason)
+    drop_payload(runtime.client, uid)
+    return outcome
+
+
+def _analyse_one(
+    uid: str, image: Radiograph, engine: Engine, runtime: WorkerRuntime, timings: dict[str, float]
+) -> Outcome:
+    """Analyse one decoded image, put its results in Redis and report the outcome."""
     try:
-        analysis = analyse_radiograph(
-            image, batch.engine, {"batch_infer": batch.infer_ms_per_image}
-        )
-        folder = spool.outbox_dir(uid)
-        for ds in analysis.result_datasets:
-            write_durably(folder / f"{ds.SOPInstanceUID}{SUFFIX}", _writer(ds))
+        analysis = analyse_radiograph(image, engine, timings)
+        results = {str(ds.SOPInstanceUID): _part10(ds) for ds in analysis.result_datasets}
+    except RejectedInput as exc:
+        log.info("%s skipped: %s", uid, exc.reason.value)
+        return _finish(runtime, uid, Outcome.SKIPPED, str(exc))
+    except CxrError as exc:
+        log.error("%s failed: %s", uid, exc)
+        return _finish(runtime, uid, Outcome.FAILED, str(exc))
     except Exception as exc:
-        spool.clear_outbox(uid)
-        log.warning("%s: batch encode failed (%s), left to process_job", uid, type(exc).__name__)
-        return False
-    return True
+        # Third-party messages may quote header values: only the type is reported.
+        log.error("%s failed: unexpected %s", uid, type(exc).__name__)
+        log.debug("%s traceback", uid, exc_info=True)
+        return _finish(
+            runtime, uid, Outcome.FAILED, f"{Reason.INTERNAL.value}: {type(exc).__name__}"
+        )
+    put_results(runtime.client, uid, results, keys_ttl_s(runtime.settings))
+    log.info(
+        "%s analysed: positive=%s, %d results to the listener, timings_ms=%s",
+        uid,
+        analysis.finding.positive,
+        len(results),
+        {k: round(v, 1) for k, v in analysis.timings_ms.items()},
+    )
+    return _finish(runtime, uid, Outcome.ANALYSED)
 
 
-def run_batch(uids: Sequence[str], runtime: WorkerRuntime) -> dict[str, JobState]:
-    """Analyse (one forward pass where possible), send and record several instances.
+def run_batch(uids: Sequence[str], runtime: WorkerRuntime) -> dict[str, Outcome]:
+    """Analyse several instances from their Redis payloads (one forward pass where possible).
 
-    Each image is finished (heatmap, encode, send, ledger) before the next one starts,
-    so the first result of a batch is not held back by the others' heatmaps.
+    Each image is finished (heatmap, encode, results to Redis, event) before the next one
+    starts, so the first result of a batch is not held back by the others' heatmaps.
 
     Parameters
     ----------
     uids
-        SOP Instance UIDs taken from the queue.
+        SOP Instance UIDs taken from the queue (under their leases).
     runtime
-        The worker process's ledger, spool and model.
+        The worker process's Redis client and model.
 
     Returns
     -------
     dict
-        UID -> final :class:`JobState` as recorded by ``process_job``.
+        UID -> the :class:`Outcome` reported to the listener.
     """
     unique = list(dict.fromkeys(uids))
-    batch = classify_batch(unique, runtime) if len(unique) > 1 else None
-    states: dict[str, JobState] = {}
+    outcomes: dict[str, Outcome] = {}
+    images: dict[str, Radiograph] = {}
+    ingest_ms: dict[str, float] = {}
     for uid in unique:
-        if batch is not None and uid in batch.images:
-            write_batch_results(uid, batch, runtime.spool)
+        data = get_payload(runtime.client, uid)
+        if data is None:
+            log.info("%s: no payload in Redis (finished, or lost with Redis); reported", uid)
+            outcomes[uid] = _report(runtime, uid, Outcome.NO_PAYLOAD)
+            continue
+        _report(runtime, uid, Outcome.PROCESSING)
+        start = time.perf_counter()
+        try:
+            images[uid] = load_radiograph(io.BytesIO(data), runtime.settings.ingest)
+        except RejectedInput as exc:
+            log.info("%s skipped: %s", uid, exc.reason.value)
+            outcomes[uid] = _finish(runtime, uid, Outcome.SKIPPED, str(exc))
+        except CxrError as exc:
+            log.error("%s failed: %s", uid, exc)
+            outcomes[uid] = _finish(runtime, uid, Outcome.FAILED, str(exc))
+        except Exception as exc:
+            log.error("%s failed: unexpected %s while decoding", uid, type(exc).__name__)
+            reason = f"{Reason.INTERNAL.value}: {type(exc).__name__}"
+            outcomes[uid] = _finish(runtime, uid, Outcome.FAILED, reason)
+        ingest_ms[uid] = (time.perf_counter() - start) * 1000.0
+    batch = classify_batch(images, runtime)
+    for uid, image in images.items():
+        engine = batch.engine if batch is not None else runtime.engine
+        timings = {"ingest": ingest_ms[uid]}
+        if batch is not None:
+            timings["batch_infer"] = batch.infer_ms_per_image
             del batch.images[uid]  # free the decoded image early
-        states[uid] = process_job(uid, runtime.engine, runtime.ledger, runtime.spool)
-    return states
+        outcomes[uid] = _analyse_one(uid, image, engine, runtime, timings)
+    return outcomes
 
 
 def _on_worker_process_init(**kwargs: Any) -> None:
@@ -285,12 +313,12 @@ def register_tasks(app: Celery) -> Task:
     Parameters
     ----------
     app
-        The worker's app from :func:`workers.celery_app.create_app`.
+        The worker's app from :func:`workers.broker.create_app`.
 
     Returns
     -------
     celery.Task
-        The registered task (name :data:`workers.celery_app.TASK_ANALYSE`).
+        The registered task (name :data:`workers.broker.TASK_ANALYSE`).
     """
     global _REGISTERED_APP
     _REGISTERED_APP = app
@@ -338,12 +366,13 @@ def run_leased(
         The worker process's runtime (``runtime.leases`` None: no deduplication).
     collect
         ``limit -> context manager`` yielding further waiting messages
-        (:func:`workers.celery_app.collect_waiting`).
+        (:func:`workers.broker.collect_waiting`).
 
     Returns
     -------
     str
-        The final :class:`JobState` value of ``uid``, or :data:`DROPPED`.
+        The :class:`~workers.transfer.Outcome` value reported for ``uid``, or
+        :data:`DROPPED`.
     """
     leases = runtime.leases
     if leases is not None and not leases.acquire(
@@ -370,7 +399,7 @@ def run_leased(
             states = run_batch(taken, runtime)
             if leases is not None:
                 for done_uid, state in states.items():
-                    if state in FINAL_STATES:
+                    if state != Outcome.NO_PAYLOAD:
                         leases.finished(done_uid)
     finally:
         if leases is not None:

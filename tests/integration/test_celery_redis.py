@@ -11,9 +11,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import pydicom
 import pytest
@@ -25,12 +23,8 @@ from tests.conftest import testdata as dicom_testdata
 from tests.support.orthanc import orthanc_available, running_orthanc
 from tests.support.redis_server import RedisServer, free_port, redis_server  # noqa: F401
 from tests.support.services import running_listener, running_worker, write_config
-from workers.celery_app import (
-    TASK_ANALYSE,
-    CeleryJobQueue,
-    collect_waiting,
-    create_app,
-)
+from workers.broker import TASK_ANALYSE, collect_waiting, create_app
+from workers.publisher import CeleryJobQueue
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +42,8 @@ def _settings(server: RedisServer, data_dir: Path, **worker: object) -> Settings
 def _ledger_with(data_dir: Path, uids: list[str]) -> Ledger:
     ledger = Ledger(data_dir / "ledger.sqlite3")
     for uid in uids:
+        # The bytes the listener publishes as the payload (never decoded in these tests).
+        (data_dir / f"{uid}.dcm").write_bytes(b"instance " + uid.encode())
         ledger.record_received(
             uid, study_uid="1.2.3", calling_ae="MODALITY", spool_path=data_dir / f"{uid}.dcm"
         )
@@ -295,63 +291,75 @@ def test_listener_and_separate_worker_process_deliver_results_to_orthanc(
             assert sorted(record.result_uids) == sorted(t["SOPInstanceUID"] for t in results)
 
 
-def _copier(path: Path) -> Callable[[BinaryIO], None]:
-    data = path.read_bytes()
-
-    def write(handle: BinaryIO) -> None:
-        handle.write(data)
-
-    return write
-
-
 @pytest.mark.slow
 def test_micro_batch_gives_the_single_image_results(
-    tmp_path: Path, tiny_checkpoint: Path, shared_dicom_dir: Path
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    shared_dicom_dir: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """One forward pass for the batch; each SR/SC equals what the single-image path writes."""
+    """One forward pass for the batch, from Redis payloads; each SR/SC returned through
+    Redis equals what the single-image path builds. No data folder is involved."""
+    import io
+    import logging
+
     from cxr_pipeline.encode.reading import read_structured_report
     from cxr_pipeline.pipeline import analyse
-    from workers.tasks import WorkerRuntime, classify_batch, write_batch_results
+    from workers.tasks import WorkerRuntime, run_batch
+    from workers.transfer import EVENTS, Outcome, get_results, put_payload
 
     settings = load_settings(
         None,
-        data_dir=tmp_path / "data",
+        data_dir=tmp_path / "never-created",
         model={"checkpoint": tiny_checkpoint, "device": "cpu"},
         explain={"method": "gradcam"},
+        worker={"broker_url": redis_server.url},
     )
     runtime = WorkerRuntime.open(settings)
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
     names = [
         "siim_cr_pa_jpeg_baseline.dcm",
         "rsna_cr_ap_jpeg_baseline.dcm",
         "nih_dx_secondary_capture.dcm",
     ]
-    uids = []
+    uids, payloads = [], {}
     for name in names:
         path = shared_dicom_dir / name
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-        uid = str(header.SOPInstanceUID)
-        spooled = runtime.spool.store(uid, _copier(path))
-        runtime.ledger.record_received(
-            uid, study_uid=str(header.StudyInstanceUID), calling_ae="MODALITY", spool_path=spooled
-        )
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        payloads[uid] = path.read_bytes()
         uids.append(uid)
-    runtime.ledger.mark(uids[2], JobState.DONE)  # finished jobs are never re-analysed
+    for uid in uids[:2]:  # the third finished already: its payload left Redis
+        put_payload(client, uid, payloads[uid], 600)
 
-    batch = classify_batch(uids, runtime)
-    assert batch is not None
-    assert list(batch.images) == uids[:2]
+    with caplog.at_level(logging.INFO, logger="workers.tasks"):
+        outcomes = run_batch(uids, runtime)
+    assert outcomes == {
+        uids[0]: Outcome.ANALYSED,
+        uids[1]: Outcome.ANALYSED,
+        uids[2]: Outcome.NO_PAYLOAD,
+    }
+    assert "micro-batch of 2 images classified" in caplog.text
+    assert not (tmp_path / "never-created").exists()
+    events = [(f[b"uid"].decode(), f[b"outcome"].decode()) for _id, f in client.xrange(EVENTS)]
+    assert events == [
+        (uids[0], "processing"),
+        (uids[1], "processing"),
+        (uids[2], "no_payload"),
+        (uids[0], "analysed"),
+        (uids[1], "analysed"),
+    ]
     for uid in uids[:2]:
-        assert write_batch_results(uid, batch, runtime.spool)
-        written = runtime.spool.outbox_files(uid)
-        assert len(written) == 2
-        single = analyse(runtime.spool.path_for(uid), runtime.engine)
-        assert sorted(p.stem for p in written) == sorted(
-            str(ds.SOPInstanceUID) for ds in single.result_datasets
-        )
-        sr = next(p for p in written if pydicom.dcmread(p).Modality == "SR")
+        assert client.get(f"cxr:payload:{uid}") is None  # freed once analysed
+        returned = get_results(client, uid)
+        single = analyse(io.BytesIO(payloads[uid]), runtime.engine)
+        assert sorted(returned) == sorted(str(ds.SOPInstanceUID) for ds in single.result_datasets)
+        srs = [pydicom.dcmread(io.BytesIO(b)) for b in returned.values()]
+        sr = next(ds for ds in srs if ds.Modality == "SR")
         read = read_structured_report(sr)
         assert read.source_sop_instance_uid == uid
         assert read.probability == pytest.approx(single.finding.probability, abs=1e-4)
+    assert client.hlen("cxr:payload_sizes") == 0
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.settings import Settings, load_settings
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401
 from workers import tasks
-from workers.celery_app import CeleryJobQueue, Collected
+from workers.broker import Collected
 from workers.lease import (
     KOMBU_UNACKED_INDEX,
     LEASE_PREFIX,
@@ -29,6 +29,7 @@ from workers.lease import (
     LeaseKeeper,
     lease_ttl_s,
 )
+from workers.publisher import CeleryJobQueue
 
 pytestmark = pytest.mark.integration
 
@@ -120,6 +121,8 @@ def test_renewal_refreshes_held_unacked_messages_only(
 def _queued_ledger(data_dir: Path) -> Ledger:
     ledger = Ledger(data_dir / "ledger.sqlite3")
     for uid in UIDS:
+        # The bytes the listener publishes as the payload (never decoded in these tests).
+        (data_dir / f"{uid}.dcm").write_bytes(b"instance " + uid.encode())
         ledger.record_received(
             uid, study_uid="1.2.3", calling_ae="MODALITY", spool_path=data_dir / f"{uid}.dcm"
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pytest
 import requests
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -239,10 +241,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _spawn(name: str, argv: Sequence[str], log_path: Path) -> Service:
+def _spawn(
+    name: str, argv: Sequence[str], log_path: Path, *, prefix: Sequence[str] = ()
+) -> Service:
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, *argv],
+            [*prefix, sys.executable, *argv],
             cwd=REPO_ROOT,
             env=_env(),
             stdout=log,
@@ -287,16 +291,61 @@ def spawn_listener(
     return service
 
 
+ISOLATED_LINE = "isolated worker: the listener's data folder shows {} entries"
+
+
+def isolation_prefix(hidden: Path) -> list[str]:
+    """Command prefix running a process where ``hidden`` is an empty tmpfs.
+
+    ``unshare --mount`` gives the process its own mount namespace (private propagation, so
+    nothing leaks back) and mounts an empty tmpfs over ``hidden``: the worker cannot see the
+    listener's spool or ledger at all. Needs root or user namespaces; skips with the reason
+    where the kernel refuses it.
+    """
+    if shutil.which("unshare") is None:
+        pytest.skip("util-linux unshare is not installed")
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "true"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --mount is not permitted here: {probe.stderr.strip()}")
+    count = '$(ls -A "$0" | wc -l)'
+    script = (
+        'mount -t tmpfs -o size=1m,mode=700 cxr-hidden "$0" && '
+        'echo "' + ISOLATED_LINE.format(count) + '" && exec "$@"'
+    )
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(hidden)]
+
+
 def spawn_worker(
-    config: Path, log_path: Path, *, pool: str = "solo", hostname: str | None = None
+    config: Path,
+    log_path: Path,
+    *,
+    pool: str = "solo",
+    hostname: str | None = None,
+    hide: Path | None = None,
 ) -> Service:
-    """Start ``cxr-worker`` and wait until Celery says it is ready."""
+    """Start ``cxr-worker`` and wait until Celery says it is ready.
+
+    ``hide``: run it under :func:`isolation_prefix` (that folder, the listener's data
+    folder, covered by an empty tmpfs), and check it saw the folder empty.
+    """
     argv = ["-m", "workers.celery_app", "--config", str(config), "--pool", pool]
     argv += ["--concurrency", "1"]
     if hostname:
         argv += ["--hostname", hostname]
     start = _log_size(log_path)
-    service = _spawn("cxr-worker", argv, log_path)
+    prefix = [] if hide is None else isolation_prefix(hide)
+    service = _spawn("cxr-worker", argv, log_path, prefix=prefix)
+    if hide is not None:
+        try:
+            _wait_text(service, ISOLATED_LINE.format(0), start, 60)
+        except BaseException:
+            stop(service)
+            raise
     try:
         _wait_text(service, "ready.", start, 240)
     except BaseException:

@@ -36,12 +36,18 @@ class PreprocessingSpec:
     monotone window/level, gamma or bit depth gives the same input; see
     :class:`cxr_pipeline.preprocess.RankNormalize`). Cards written before this field read
     as ``"none"``."""
+    rank_clip: float = 0.0
+    """With ``intensity="rank"``: ranks below ``rank_clip`` and above ``1 - rank_clip`` are
+    clipped and the rest stretched to [0, 1], so any window that clips at most that share
+    of the pixels at each end (a 1-99 % or 5-95 % window) gives the same model input."""
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITY_STEPS:
             raise ValueError(
                 f"intensity must be one of {', '.join(INTENSITY_STEPS)}, got {self.intensity!r}"
             )
+        if not 0.0 <= self.rank_clip < 0.5:
+            raise ValueError(f"rank_clip must be in [0, 0.5), got {self.rank_clip}")
 
 
 @dataclass(frozen=True)

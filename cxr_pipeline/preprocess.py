@@ -44,7 +44,7 @@ TRAIN_ROTATION_DEG = 10.0
 """Largest random rotation in training, degrees (the paper's "small rotations")."""
 TRAIN_WINDOW_PROB = 0.7
 """Chance that a training image is clipped by a random window (:class:`RandWindow`)."""
-TRAIN_WINDOW_MAX_CLIP = 0.08
+TRAIN_WINDOW_MAX_CLIP = 0.12
 """Largest share of the pixels a random window clips at each end (a 5-95 % window clips 5 %)."""
 TRAIN_GAMMA = (0.7, 1.4)
 """Random gamma range in training (only with ``intensity="none"``: ranks ignore gamma)."""
@@ -60,7 +60,16 @@ class RankNormalize(Transform):
     fixed number of value bins between the minimum and maximum, so a gamma curve moves
     pixels between bins and changes its output; exact ranks (one ``numpy.unique``, a sort)
     do not, which is the whole point here.
+
+    With ``clip > 0`` the ranks are then clipped to ``[clip, 1 - clip]`` and stretched to
+    [0, 1]. A display window that clips the darkest and brightest pixels ties them; their
+    ranks then differ from the unwindowed image's only below ``clip`` and above
+    ``1 - clip`` as long as the window clips at most that share at each end, and those are
+    exactly the ranks the clip flattens: such windows give (to ties) the same output.
     """
+
+    def __init__(self, clip: float = 0.0) -> None:
+        self.clip = float(clip)
 
     def __call__(self, img: Any) -> np.ndarray:
         """Rank-normalise a float array of any shape (a single image)."""
@@ -68,6 +77,8 @@ class RankNormalize(Transform):
         flat = arr.ravel()
         _, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
         cdf = (np.cumsum(counts, dtype=np.float64) - 0.5 * counts) / flat.size
+        if self.clip > 0.0:
+            cdf = np.clip((cdf - self.clip) / (1.0 - 2.0 * self.clip), 0.0, 1.0)
         out: np.ndarray = cdf[inverse].reshape(arr.shape).astype(np.float32)
         return out
 
@@ -244,7 +255,7 @@ def intensity_transforms(spec: PreprocessingSpec, *, train: bool) -> list[Any]:
         if spec.intensity == "none":
             steps.append(RandAdjustContrast(prob=0.5, gamma=TRAIN_GAMMA))
     if spec.intensity == "rank":
-        steps.append(RankNormalize())
+        steps.append(RankNormalize(clip=spec.rank_clip))
     return steps
 
 

@@ -244,9 +244,9 @@ def write_report(report: EvaluationReport, samples: Sequence[Sample], scores: np
             f"\n**Within-source AUC ({r.source}: COVID-19 against the same source's other "
             f"findings, {r.n_covid} vs {r.n_non_covid} images): {r.auc:.3f} (95% CI "
             f"{r.auc_ci[0]:.3f}-{r.auc_ci[1]:.3f}).** Here the source cannot give the answer "
-            f"away; this is the figure closest to telling COVID-19 from other lung disease, "
-            f"and it is "
-            + ("no better than chance" if r.auc_ci[0] <= 0.5 else "above chance")
+            f"away; this is the figure closest to telling COVID-19 from other lung disease. "
+            f"Its 95% interval "
+            + ("includes chance (0.5)" if r.auc_ci[0] <= 0.5 else "excludes chance (0.5)")
             + ".\n"
             for r in report.within_source)
         + "\n![ROC](roc.png) ![PR](pr.png) ![histogram](histogram.png) "

@@ -115,6 +115,8 @@ class TrainConfig:
     crop: int = 224
     intensity: str = "rank"
     """Intensity step of the card's preprocessing (``rank`` or ``none``)."""
+    rank_clip: float = 0.08
+    """Rank clip of the card's preprocessing (windows clipping up to 8 % per end: no effect)."""
     finetune_blocks: int = 0
     """> 0: train the last blocks (efficientnet_lite0) on cached, augmented prefix outputs."""
     augment_copies: int = 4
@@ -422,7 +424,8 @@ def preprocessing_for(cfg: TrainConfig) -> PreprocessingSpec:
     if cfg.intensity not in INTENSITY_STEPS:
         raise ValueError(f"intensity must be one of {INTENSITY_STEPS}, got {cfg.intensity!r}")
     spec = replace(PreprocessingSpec(), resize=cfg.resize, crop=cfg.crop,
-                   intensity=cfg.intensity)
+                   intensity=cfg.intensity,
+                   rank_clip=cfg.rank_clip if cfg.intensity == "rank" else 0.0)
     if cfg.architecture == EFFICIENTNET_LITE0:
         spec = replace(spec, mean=INPUT_MEAN, std=INPUT_STD)
     return spec
@@ -477,6 +480,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=d.crop)
     p.add_argument("--intensity", choices=INTENSITY_STEPS, default=d.intensity,
                    help="intensity step before resizing (rank: invariant to window/gamma)")
+    p.add_argument("--rank-clip", type=float, default=d.rank_clip,
+                   help="clip ranks to [c, 1-c] (windows clipping <= c per end do nothing)")
     p.add_argument("--finetune-blocks", type=int, default=d.finetune_blocks,
                    help="efficientnet_lite0: train the last K blocks on cached augmented "
                         "prefix outputs (0: the frozen-backbone head recipe)")
@@ -504,7 +509,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
         step_size=args.step_size, gamma=args.gamma, balance=args.balance,
         augment=not args.no_augment, resize=args.resize, crop=args.crop,
-        intensity=args.intensity, finetune_blocks=args.finetune_blocks,
+        intensity=args.intensity, rank_clip=args.rank_clip, finetune_blocks=args.finetune_blocks,
         augment_copies=args.augment_copies, seed=args.seed,
         target_sensitivity=args.target_sensitivity, device=args.device, threads=args.threads,
         name=args.name, version=args.version, head_bias=args.head_bias,

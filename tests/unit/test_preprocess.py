@@ -227,3 +227,19 @@ def test_training_chain_with_rank_and_windows_is_seeded(nih_pixels: np.ndarray) 
 def test_unknown_intensity_step_is_refused() -> None:
     with pytest.raises(ValueError, match="intensity"):
         PreprocessingSpec(intensity="clahe")
+
+
+def test_rank_clip_makes_windows_that_clip_less_than_it_exact(nih_pixels: np.ndarray) -> None:
+    clipped_spec = replace(RANK, rank_clip=0.08)
+    reference = preprocess(nih_pixels, clipped_spec)
+    for low, high in ((0.01, 0.99), (0.05, 0.95), (0.0, 0.93)):
+        lo, hi = np.quantile(nih_pixels, [low, high])
+        windowed = ((np.clip(nih_pixels, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+        torch.testing.assert_close(preprocess(windowed, clipped_spec), reference,
+                                   atol=1e-5, rtol=0, msg=f"{low}-{high}")
+    # A window clipping more than the rank clip still changes the input.
+    lo, hi = np.quantile(nih_pixels, [0.2, 0.8])
+    wide = ((np.clip(nih_pixels, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    assert float((preprocess(wide, clipped_spec) - reference).abs().max()) > 0.1
+    with pytest.raises(ValueError, match="rank_clip"):
+        PreprocessingSpec(intensity="rank", rank_clip=0.5)

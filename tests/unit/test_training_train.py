@@ -207,3 +207,31 @@ def test_efficientnet_recipes_from_the_packaged_imagenet_weights(
     assert not torch.equal(state["_conv_head.weight"], imagenet["_conv_head.weight"])
     assert torch.equal(state["_bn1.running_mean"], imagenet["_bn1.running_mean"])
     assert len(tuned.history) == 3 and 1 <= tuned.best_epoch <= 3
+
+
+def test_report_states_the_within_source_auc_with_its_interval(tmp_path: Path) -> None:
+    from training.datasets import Sample
+    from training.evaluate import write_report
+
+    rng = np.random.default_rng(0)
+    # Source A: NIH-like, non-COVID only, low scores; source B holds both classes and its
+    # scores barely separate them.
+    labels = np.array([0] * 40 + [1] * 30 + [0] * 30)
+    sources = ["A"] * 40 + ["B"] * 60
+    scores = np.concatenate([rng.uniform(0.0, 0.2, 40), rng.uniform(0.3, 1.0, 30),
+                             rng.uniform(0.25, 0.95, 30)])
+    report = evaluate_scores(scores, labels, threshold=0.5, sources=sources, n_bootstrap=300)
+    (within,) = report.within_source
+    assert within.source == "B"
+    b = np.array(sources) == "B"
+    assert within.auc == pytest.approx(roc(scores[b], labels[b])[1])
+    assert within.auc_ci[0] < within.auc < within.auc_ci[1]
+    metrics = report.card_metrics()
+    assert metrics["test_within_source_auc"] == pytest.approx(within.auc)
+    assert metrics["test_within_source_auc_ci_low"] == pytest.approx(within.auc_ci[0])
+    samples = [Sample(path=f"{i}.png", label=[NON_COVID, COVID][y], patient_id=str(i),
+                      source=s) for i, (y, s) in enumerate(zip(labels, sources, strict=True))]
+    write_report(report, samples, scores, tmp_path)
+    text = (tmp_path / "evaluation.md").read_text()
+    assert f"Within-source AUC (B: COVID-19 against the same source's other findings, " \
+           f"30 vs 30 images): {within.auc:.3f} (95% CI {within.auc_ci[0]:.3f}-" in text

@@ -16,6 +16,9 @@ from cxr_pipeline.errors import CheckpointError
 
 CARD_FORMAT_VERSION = 1
 
+INTENSITY_STEPS: tuple[str, ...] = ("none", "rank")
+"""Values of :attr:`PreprocessingSpec.intensity`."""
+
 
 @dataclass(frozen=True)
 class PreprocessingSpec:
@@ -27,6 +30,24 @@ class PreprocessingSpec:
     """Centre crop side: the model input size."""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    intensity: str = "none"
+    """Intensity step before resizing: ``"none"`` (the display-ready pixels as they are) or
+    ``"rank"`` (each pixel replaced by its mid-rank among the image's pixels, so any
+    monotone window/level, gamma or bit depth gives the same input; see
+    :class:`cxr_pipeline.preprocess.RankNormalize`). Cards written before this field read
+    as ``"none"``."""
+    rank_clip: float = 0.0
+    """With ``intensity="rank"``: ranks below ``rank_clip`` and above ``1 - rank_clip`` are
+    clipped and the rest stretched to [0, 1], so any window that clips at most that share
+    of the pixels at each end (a 1-99 % or 5-95 % window) gives the same model input."""
+
+    def __post_init__(self) -> None:
+        if self.intensity not in INTENSITY_STEPS:
+            raise ValueError(
+                f"intensity must be one of {', '.join(INTENSITY_STEPS)}, got {self.intensity!r}"
+            )
+        if not 0.0 <= self.rank_clip < 0.5:
+            raise ValueError(f"rank_clip must be in [0, 0.5), got {self.rank_clip}")
 
 
 @dataclass(frozen=True)
@@ -56,6 +77,9 @@ class ModelCard:
         Evaluation figures (name -> value), e.g. ``{"auc": 0.97}``.
     intended_use
         Statement written into result objects.
+    base_weights
+        Where the initial (pretrained) weights came from and their licence; ``""`` for a
+        model trained from random initialisation.
     """
 
     name: str
@@ -68,6 +92,7 @@ class ModelCard:
     training_data: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     intended_use: str = "Research use only. Not for diagnostic use."
+    base_weights: str = ""
 
     @property
     def covid_index(self) -> int:

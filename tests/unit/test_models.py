@@ -12,6 +12,7 @@ from cxr_pipeline.errors import CheckpointError, ConfigError
 from cxr_pipeline.model_card import ModelCard
 from cxr_pipeline.models import (
     ARCHITECTURES,
+    PAPER_ARCHITECTURES,
     build_model,
     default_checkpoint_path,
     load_checkpoint,
@@ -36,8 +37,10 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
-def test_registry_is_the_papers_four() -> None:
-    assert ARCHITECTURES == ("resnet18", "resnet50", "squeezenet1_1", "densenet121")
+def test_registry_is_the_papers_four_plus_efficientnet_lite0() -> None:
+    assert PAPER_ARCHITECTURES == ("resnet18", "resnet50", "squeezenet1_1", "densenet121")
+    assert ARCHITECTURES[:4] == PAPER_ARCHITECTURES
+    assert ARCHITECTURES[4:] == ("efficientnet_lite0",)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

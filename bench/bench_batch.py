@@ -63,7 +63,7 @@ from cxr_pipeline.settings import Settings, load_settings  # noqa: E402
 
 
 def _data_dir() -> Path:
-    env = os.environ.get("CXR_DATA_DIR")
+    env = os.environ.get("CXR_DATASET_DIR")
     return Path(env) if env else REPO.parent / "shared" / "data" / "cxr"
 
 
@@ -269,7 +269,7 @@ def main() -> int:
 
     nih = sorted((_data_dir() / "images" / "nih").glob("*.png"))
     if len(nih) < 8:
-        print(f"shared NIH images not found under {_data_dir()} (set CXR_DATA_DIR)")
+        print(f"shared NIH images not found under {_data_dir()} (set CXR_DATASET_DIR)")
         return 1
     batch: dict[str, object] = {
         "decode_workers": args.workers,

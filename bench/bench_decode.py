@@ -11,7 +11,7 @@ Inputs (real pixels, re-encoded with tests/support/dicom_factory.py):
   (``RG1_UNCR``, ``RG1_J2KR``, ``RG1_J2KI``) plus re-encodings in the other lossless
   syntaxes (JPEG Baseline/Extended cannot hold 15 bits);
 * ``NIH``: a 1024x1024 NIH ChestX-ray8 PNG as 8-bit DICOM in every syntax the factory
-  makes (needs the shared data folder, ``$CXR_DATA_DIR``).
+  makes (needs the shared data folder, ``$CXR_DATASET_DIR``).
 
 Usage::
 
@@ -103,7 +103,7 @@ def _inputs(quick: bool) -> list[tuple[str, str, bytes]]:
     else:
         print("pydicom-data not installed: RG1 rows skipped")
 
-    data_dir = Path(os.environ.get("CXR_DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "cxr"))
+    data_dir = Path(os.environ.get("CXR_DATASET_DIR", REPO_ROOT.parent / "shared" / "data" / "cxr"))
     pngs = sorted((data_dir / "images" / "nih").glob("*.png"))
     if pngs:
         pixels = load_png(pngs[0], size=None)

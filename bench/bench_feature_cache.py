@@ -8,7 +8,7 @@ median wall time of each and the speed-up, measured in this one run.
     .venv/bin/python bench/bench_feature_cache.py --architecture resnet18 --images 32 \
         --epochs 10 --repeats 3
 
-Needs the shared data (``CXR_DATA_DIR`` or ``../shared/data/cxr``).
+Needs the shared data (``CXR_DATASET_DIR`` or ``../shared/data/cxr``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> None:
     args = p.parse_args()
     data = Path(
         os.environ.get(
-            "CXR_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+            "CXR_DATASET_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
         )
     )
     pool = read_manifest(data / "manifest.csv")

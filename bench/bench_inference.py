@@ -62,7 +62,7 @@ def _card(architecture: str) -> ModelCard:
 
 
 def _real_image() -> np.ndarray:
-    data = Path(os.environ.get("CXR_DATA_DIR", REPO.parent / "shared" / "data" / "cxr"))
+    data = Path(os.environ.get("CXR_DATASET_DIR", REPO.parent / "shared" / "data" / "cxr"))
     pngs = sorted((data / "images" / "nih").glob("*.png"))
     if pngs:
         from cxr_pipeline.ingest import load_picture

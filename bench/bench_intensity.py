@@ -43,7 +43,7 @@ from training.datasets import read_manifest, resolve  # noqa: E402
 
 
 def _pick(split: Path, n: int) -> list[Path]:
-    data = Path(os.environ.get("CXR_DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "cxr"))
+    data = Path(os.environ.get("CXR_DATASET_DIR", REPO_ROOT.parent / "shared" / "data" / "cxr"))
     test = [s for s in read_manifest(split) if s.split == "test"]
     by_source: dict[str, list[Path]] = {}
     for s in test:

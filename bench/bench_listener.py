@@ -6,7 +6,7 @@ Run from the repository root::
     .venv/bin/python -m bench.bench_listener --count 20 --rounds 1 --e2e-single 5 --e2e-burst 10
 
 1. Builds ``rounds x count`` distinct DICOM files (12-bit CR, Explicit VR LE) from real
-   1024x1024 NIH ChestX-ray8 PNGs of the shared data folder (``$CXR_DATA_DIR`` or
+   1024x1024 NIH ChestX-ray8 PNGs of the shared data folder (``$CXR_DATASET_DIR`` or
    ``../shared/data/cxr``), each with its own UIDs.
 2. Receive rate: in each round, ``storescu`` sends the round's files in one association to
    DCMTK ``storescp`` (writes files, no fsync) and to ``cxr-listen --broker`` (durable spool
@@ -50,14 +50,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_data_dir() -> Path:
-    env = os.environ.get("CXR_DATA_DIR")
+    env = os.environ.get("CXR_DATASET_DIR")
     return Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "cxr"
 
 
 def make_files(out: Path, total: int) -> list[Path]:
     pngs = sorted((shared_data_dir() / "images" / "nih").glob("*.png"))
     if not pngs:
-        raise SystemExit(f"no NIH PNGs under {shared_data_dir()} (set CXR_DATA_DIR)")
+        raise SystemExit(f"no NIH PNGs under {shared_data_dir()} (set CXR_DATASET_DIR)")
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for i in range(total):

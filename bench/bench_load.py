@@ -34,11 +34,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pngs() -> list[Path]:
-    env = os.environ.get("CXR_DATA_DIR")
+    env = os.environ.get("CXR_DATASET_DIR")
     root = Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "cxr"
     pngs = sorted((root / "images" / "nih").glob("*.png"))[:8]
     if not pngs:
-        raise SystemExit(f"no NIH PNGs under {root} (set CXR_DATA_DIR)")
+        raise SystemExit(f"no NIH PNGs under {root} (set CXR_DATASET_DIR)")
     return pngs
 
 

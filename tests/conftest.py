@@ -1,6 +1,6 @@
 """Fixtures shared by every test: real data locations and a small seeded checkpoint.
 
-Real data comes from ``../shared/data/cxr`` (or ``$CXR_DATA_DIR``) and from the
+Real data comes from ``../shared/data/cxr`` (or ``$CXR_DATASET_DIR``) and from the
 ``pydicom-data`` package; nothing is downloaded and no shared image is copied into the
 repository.
 """
@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _shared_data_dir() -> Path:
-    env = os.environ.get("CXR_DATA_DIR")
+    env = os.environ.get("CXR_DATASET_DIR")
     return Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "cxr"
 
 
@@ -30,7 +30,7 @@ def shared_data_dir() -> Path:
     """The shared real-data folder; tests needing it skip with a reason where absent."""
     path = _shared_data_dir()
     if not (path / "manifest.csv").is_file():
-        pytest.skip(f"shared real data not found at {path} (set CXR_DATA_DIR)")
+        pytest.skip(f"shared real data not found at {path} (set CXR_DATASET_DIR)")
     return path
 
 

@@ -166,7 +166,8 @@ def _job_engine(base: Engine, data_dir: Path, peer: Destination) -> Engine:
     merged["data_dir"] = str(data_dir)
     merged["send"] = {**merged["send"], "max_attempts": 1, "timeout_s": 10,
                       "destinations": [peer.model_dump(mode="json")]}  # fmt: skip
-    # load_settings, not Settings(...): CXR_DATA_DIR in the environment must not win.
+    # load_settings, not Settings(...): CXR_DATA_DIR (settings.data_dir) in the environment
+    # must not win.
     return Engine(settings=load_settings(**merged), predictor=base.predictor)
 
 

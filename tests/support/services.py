@@ -3,7 +3,7 @@
 Both run from the repository with the venv's Python (``python -m listeners.storescp`` and
 ``python -m workers.celery_app``), configured by one TOML file passed as ``--config``.
 ``CXR_*`` variables of the calling environment are removed so that, e.g., a
-``CXR_DATA_DIR`` naming the shared data folder never becomes the service's ``data_dir``.
+``CXR_DATA_DIR`` of the calling shell never becomes the service's ``data_dir``.
 """
 
 from __future__ import annotations

@@ -34,6 +34,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--loglevel", default=None, help="log level (default: settings)")
     parser.add_argument("--hostname", default=None, help="Celery node name")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus /metrics and /healthz of each worker process (prefork child i on "
+        "PORT+i; default: metrics.worker_port)",
+    )
     return parser.parse_args(argv)
 
 
@@ -53,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker["concurrency"] = args.concurrency
     if worker:
         overrides["worker"] = worker
+    if args.metrics_port is not None:
+        overrides["metrics"] = {"worker_port": args.metrics_port}
     try:
         settings = load_settings(args.config, **overrides)
         app = create_app(settings)

@@ -38,11 +38,13 @@ import redis
 from celery import Celery, Task, signals
 from pydicom.dataset import Dataset
 
+from cxr_pipeline import metrics
 from cxr_pipeline.errors import CxrError, Reason, RejectedInput
 from cxr_pipeline.inference import Predictor
 from cxr_pipeline.ingest import Radiograph, load_radiograph
 from cxr_pipeline.pipeline import Engine, analyse_radiograph
 from cxr_pipeline.settings import Settings
+from cxr_pipeline.warmup import warm_up
 from workers.broker import (
     TASK_ANALYSE,
     Collected,
@@ -76,6 +78,7 @@ class WorkerRuntime:
     client: redis.Redis
     leases: LeaseKeeper | None = None
     _engine: Engine | None = field(default=None, repr=False)
+    endpoint: metrics.MetricsServer | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, settings: Settings, *, unacked_index: str | None = None) -> WorkerRuntime:
@@ -95,7 +98,9 @@ class WorkerRuntime:
         leases = LeaseKeeper(
             settings, unacked_index_key=unacked_index or KOMBU_UNACKED_INDEX, client=client
         )
-        return cls(settings=settings, client=client, leases=leases)
+        runtime = cls(settings=settings, client=client, leases=leases)
+        runtime.endpoint = _start_endpoint(settings, client)
+        return runtime
 
     @property
     def engine(self) -> Engine:
@@ -103,13 +108,44 @@ class WorkerRuntime:
         if self._engine is None:
             start = time.perf_counter()
             self._engine = Engine.from_settings(self.settings)
+            # highdicom's tables and the model's first passes: paid now, not on image one.
+            warm_up(self._engine)
             log.info(
-                "model %s loaded on %s in %.1f s",
+                "model %s loaded and warmed up on %s in %.1f s",
                 self._engine.predictor.card.name,
                 self._engine.predictor.device,
                 time.perf_counter() - start,
             )
         return self._engine
+
+
+def _start_endpoint(settings: Settings, client: redis.Redis) -> metrics.MetricsServer | None:
+    """Serve this worker process's ``/metrics`` and ``/healthz`` if ``metrics.worker_port`` is set.
+
+    Each process that runs tasks counts its own work, so each serves its own endpoint: the
+    solo pool on ``worker_port``, prefork child *i* (Celery's pool index) on
+    ``worker_port + i``. Healthy while Redis answers a PING.
+    """
+    port = settings.metrics.worker_port
+    if port is None:
+        return None
+    from billiard.process import current_process  # Celery's multiprocessing fork
+
+    index = int(getattr(current_process(), "index", 0) or 0)
+
+    def health() -> dict[str, bool]:
+        try:
+            return {"broker": bool(client.ping())}
+        except redis.RedisError:
+            return {"broker": False}
+
+    try:
+        server = metrics.start_metrics_server(settings.metrics.host, port + index, health)
+    except OSError as exc:
+        log.error("metrics endpoint on port %d not started: %s", port + index, exc)
+        return None
+    log.info("metrics on http://%s:%d/metrics", settings.metrics.host, server.port)
+    return server
 
 
 # One runtime per worker *process*: Celery gives tasks no per-process context object, so
@@ -218,6 +254,7 @@ def _analyse_one(
     try:
         analysis = analyse_radiograph(image, engine, timings)
         results = {str(ds.SOPInstanceUID): _part10(ds) for ds in analysis.result_datasets}
+        metrics.observe_timings(analysis.timings_ms)
     except RejectedInput as exc:
         log.info("%s skipped: %s", uid, exc.reason.value)
         return _finish(runtime, uid, Outcome.SKIPPED, str(exc))

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -200,6 +201,32 @@ def _wait_ledger(ledger: Ledger, uids: list[str], timeout_s: float) -> dict[str,
 
 
 @pytest.mark.slow
+def _worker_metrics(port: int) -> dict[str, Any]:
+    """Scrape a prefork worker's endpoint (child i serves ``port + i``; one child here)."""
+    import json
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for candidate in (port, port + 1):
+        try:
+            base = f"http://127.0.0.1:{candidate}"
+            with urllib.request.urlopen(f"{base}/healthz", timeout=10) as response:
+                health = json.loads(response.read())
+            with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+                text = response.read().decode()
+        except OSError:
+            continue
+        counts = {
+            s.labels["stage"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "cxr_stage_seconds_count"
+        }
+        return {"health": health, "counts": counts}
+    raise AssertionError(f"no worker metrics endpoint on {port} or {port + 1}")
+
+
 def test_listener_and_separate_worker_process_deliver_results_to_orthanc(
     redis_server: RedisServer,  # noqa: F811
     tmp_path: Path,
@@ -222,7 +249,7 @@ def test_listener_and_separate_worker_process_deliver_results_to_orthanc(
     ]
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sources]
     uids = [str(h.SOPInstanceUID) for h in headers]
-    listen_port = free_port()
+    listen_port, metrics_port = free_port(), free_port()
     data_dir = tmp_path / "data"
     with running_orthanc(tmp_path / "orthanc") as pacs:
         for path in sources:  # the PACS already holds the source images
@@ -236,6 +263,7 @@ def test_listener_and_separate_worker_process_deliver_results_to_orthanc(
                 "listener": {"host": "127.0.0.1", "port": listen_port, "min_free_bytes": 0},
                 "worker": {"broker_url": redis_server.url, "micro_batch_wait_s": 0.5},
                 "send": {"max_attempts": 3, "backoff_initial_s": 0.5},
+                "metrics": {"worker_port": metrics_port},
                 "send.destinations": [
                     {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}
                 ],
@@ -274,6 +302,11 @@ def test_listener_and_separate_worker_process_deliver_results_to_orthanc(
                 log_text = worker.log_text()
                 assert f"batched with {len(uids) - 1} waiting" in log_text, worker.log_tail()
                 assert f"micro-batch of {len(uids)} images classified" in log_text
+                # The worker process's own endpoint counted the three images' stages.
+                scraped = _worker_metrics(metrics_port)
+                assert scraped["health"] == {"status": "ok", "checks": {"broker": True}}
+                for stage in ("ingest", "infer", "explain", "encode"):
+                    assert scraped["counts"].get(stage) == len(uids), (stage, scraped)
 
         assert client.llen("cxr") == 0 and client.hlen("unacked") == 0
         for header in headers:

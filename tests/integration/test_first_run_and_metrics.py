@@ -10,8 +10,6 @@ runs ``/metrics`` is scraped and its numbers are checked against the ledger, and
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -24,12 +22,14 @@ from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.spool import Spool
 from tests.conftest import testdata as data_file
 from tests.support.dicom_network import (
+    ListenerProcess,
     dcmtk_available,
     recording_scp,
     running_listener,
     storescu,
     wait_until,
 )
+from tests.support.http import http_get as _get
 from tests.support.orthanc import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -44,14 +44,6 @@ def _environment(checkpoint: Path) -> dict[str, str]:
         "CXR_MODEL__DEVICE": "cpu",
         "CXR_LISTENER__MIN_FREE_BYTES": "1000000",
     }
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read().decode()
 
 
 def _scrape(port: int) -> Samples:
@@ -90,6 +82,18 @@ def _check_against_ledger(samples: Samples, ledger: Ledger, outcome: str) -> Non
         assert _value(samples, "cxr_stage_seconds_sum", stage=stage) > 0, stage
 
 
+FILES = ("RG1_UNCR.dcm", "CT_small.dcm")  # one chest CR, one CT (skipped)
+
+
+def _send_and_settle(listener: ListenerProcess, data_dir: Path) -> Ledger:
+    files = [data_file(name) for name in FILES]
+    sent = storescu(listener.port, files, calling_ae="MYPACS")
+    assert sent.returncode == 0, sent.stdout + sent.stderr + listener.log_tail()
+    ledger = Ledger(data_dir / "ledger.sqlite3")
+    assert wait_until(lambda: _settled(ledger, len(files)), timeout_s=300), listener.log_tail()
+    return ledger
+
+
 def test_first_run_keeps_results_locally_and_metrics_match_the_ledger(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
@@ -97,8 +101,8 @@ def test_first_run_keeps_results_locally_and_metrics_match_the_ledger(
         pytest.skip("DCMTK storescu not installed")
     metrics_port = free_port()
     data_dir = tmp_path / "var"
-    files = [data_file("RG1_UNCR.dcm"), data_file("CT_small.dcm")]
-    chest_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
+    chest = data_file(FILES[0])
+    chest_uid = str(pydicom.dcmread(chest, stop_before_pixels=True).SOPInstanceUID)
     with running_listener(
         data_dir,
         environment=_environment(tiny_checkpoint),
@@ -114,10 +118,7 @@ def test_first_run_keeps_results_locally_and_metrics_match_the_ledger(
         }
         assert _get(f"http://127.0.0.1:{metrics_port}/nothing")[0] == 404
 
-        sent = storescu(listener.port, files, calling_ae="MYPACS")
-        assert sent.returncode == 0, sent.stdout + sent.stderr + listener.log_tail()
-        ledger = Ledger(data_dir / "ledger.sqlite3")
-        assert wait_until(lambda: _settled(ledger, 2), timeout_s=300), listener.log_tail()
+        ledger = _send_and_settle(listener, data_dir)
         _check_against_ledger(_scrape(metrics_port), ledger, "kept")
 
         record = ledger.get(chest_uid)
@@ -139,7 +140,6 @@ def test_send_to_delivers_results_and_counts_send_latency(
         pytest.skip("DCMTK storescu not installed")
     metrics_port = free_port()
     data_dir = tmp_path / "var"
-    files = [data_file("RG1_UNCR.dcm"), data_file("CT_small.dcm")]
     with (
         recording_scp(ae_title="RESULTS") as scp,
         running_listener(
@@ -154,10 +154,7 @@ def test_send_to_delivers_results_and_counts_send_latency(
         ) as listener,
     ):
         assert f"results are sent to RESULTS@127.0.0.1:{scp.port}" in listener.log_tail(400)
-        sent = storescu(listener.port, files, calling_ae="MYPACS")
-        assert sent.returncode == 0, sent.stdout + sent.stderr + listener.log_tail()
-        ledger = Ledger(data_dir / "ledger.sqlite3")
-        assert wait_until(lambda: _settled(ledger, 2), timeout_s=300), listener.log_tail()
+        ledger = _send_and_settle(listener, data_dir)
         samples = _scrape(metrics_port)
         _check_against_ledger(samples, ledger, "sent")
         assert _value(samples, "cxr_stage_seconds_count", stage="send") == 1

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -14,16 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from cxr_pipeline import metrics
 from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.metrics import LedgerCollector, start_metrics_server
+from tests.support.http import http_get as _get
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read().decode()
 
 
 def test_ledger_gauges_and_health(tmp_path: Path) -> None:

@@ -75,6 +75,13 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _dicom_files(folder: Path) -> list[Path]:
+    """List the ``.dcm`` files directly in ``folder``, sorted by name (none if it is absent)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix == SUFFIX and p.is_file())
+
+
 def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Write a file atomically and durably.
 
@@ -169,10 +176,7 @@ class Spool:
 
     def outbox_files(self, sop_instance_uid: str) -> list[Path]:
         """List the result files waiting in the outbox of this source object, sorted by name."""
-        folder = self.outbox / validate_uid(sop_instance_uid)
-        if not folder.is_dir():
-            return []
-        return sorted(p for p in folder.iterdir() if p.suffix == SUFFIX and p.is_file())
+        return _dicom_files(self.outbox / validate_uid(sop_instance_uid))
 
     def clear_outbox(self, sop_instance_uid: str) -> None:
         """Delete the outbox folder of this source object (after its results were sent)."""
@@ -206,10 +210,7 @@ class Spool:
 
     def kept_files(self, sop_instance_uid: str) -> list[Path]:
         """List the result files kept for this source object, sorted by name."""
-        folder = self.kept / validate_uid(sop_instance_uid)
-        if not folder.is_dir():
-            return []
-        return sorted(p for p in folder.iterdir() if p.suffix == SUFFIX and p.is_file())
+        return _dicom_files(self.kept / validate_uid(sop_instance_uid))
 
     def remove(self, sop_instance_uid: str) -> None:
         """Delete the spooled object and its outbox; missing files are ignored."""

@@ -256,6 +256,14 @@ def _spawn(
     return Service(name=name, process=process, log_path=log_path)
 
 
+def wait_log_count(path: Path, text: str, count: int, timeout_s: float) -> None:
+    """Wait until ``text`` stands at least ``count`` times in the log file ``path``."""
+    deadline = time.monotonic() + timeout_s
+    while path.read_text(errors="replace").count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} x{count} not logged"
+        time.sleep(0.2)
+
+
 def _wait_text(service: Service, text: str, start: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

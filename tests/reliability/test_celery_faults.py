@@ -35,6 +35,7 @@ from tests.reliability.harness import (
     spawn_worker,
     stop,
     wait_finished,
+    wait_log_count,
 )
 from tests.support.orthanc import free_port
 from tests.support.redis_server import RedisServer, start_redis
@@ -200,10 +201,7 @@ def test_redis_down_listener_keeps_accepting_and_backlog_drains(
 
 
 def _wait_log(path: Path, text: str, count: int, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while path.read_text(errors="replace").count(text) < count:
-        assert time.monotonic() < deadline, f"{text!r} x{count} not logged"
-        time.sleep(0.2)
+    wait_log_count(path, text, count, timeout_s)
 
 
 def test_listener_killed_while_workers_return_results_restarts_and_delivers(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from tests.reliability.harness import (
     spawn_listener,
     stop,
     wait_finished,
+    wait_log_count,
 )
 from tests.support.orthanc import free_port
 from tests.support.services import REPO_ROOT, clean_env
@@ -35,10 +35,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
 def _wait_log(path: Path, text: str, count: int, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while path.read_text(errors="replace").count(text) < count:
-        assert time.monotonic() < deadline, f"{text!r} x{count} not logged"
-        time.sleep(0.2)
+    wait_log_count(path, text, count, timeout_s)
 
 
 def test_pacs_down_retries_then_fails_and_requeue_delivers(

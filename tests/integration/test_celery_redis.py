@@ -200,7 +200,6 @@ def _wait_ledger(ledger: Ledger, uids: list[str], timeout_s: float) -> dict[str,
     return states
 
 
-@pytest.mark.slow
 def _worker_metrics(port: int) -> dict[str, Any]:
     """Scrape a prefork worker's endpoint (child i serves ``port + i``; one child here)."""
     import json
@@ -227,6 +226,7 @@ def _worker_metrics(port: int) -> dict[str, Any]:
     raise AssertionError(f"no worker metrics endpoint on {port} or {port + 1}")
 
 
+@pytest.mark.slow
 def test_listener_and_separate_worker_process_deliver_results_to_orthanc(
     redis_server: RedisServer,  # noqa: F811
     tmp_path: Path,

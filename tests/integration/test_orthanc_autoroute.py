@@ -20,6 +20,7 @@ import pytest
 from cxr_pipeline.ledger import JobState, Ledger
 from tests.conftest import REPO_ROOT
 from tests.conftest import testdata as dicom_testdata
+from tests.support.dicom_network import wait_until
 from tests.support.orthanc import DEFAULT_AE_TITLE, free_port, orthanc_available, running_orthanc
 from tests.support.services import running_listener, write_config
 
@@ -93,7 +94,12 @@ def test_orthanc_routes_chest_cr_and_stores_results_in_same_study(
             assert own.returncode == 0, own.stderr
             time.sleep(2.0)  # give a wrongly routed object time to reach the listener
             ledger = Ledger(data_dir / "ledger.sqlite3")
+            # The results reach the PACS before the routed image's row turns DONE.
+            finished = wait_until(
+                lambda: [r.state for r in ledger.recent(10)] == [JobState.DONE], timeout_s=60
+            )
             rows = ledger.recent(10)
+            assert finished, rows
         tags = [pacs.get_instance_tags(i) for i in pacs.study_instances(study_uid)]
         orthanc_log = pacs.log_path.read_text(errors="replace")
 

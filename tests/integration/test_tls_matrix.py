@@ -19,11 +19,12 @@ import pydicom
 import pytest
 
 from cxr_pipeline.audit import read_trail
-from cxr_pipeline.ledger import JobState
+from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.pipeline import Engine
 from cxr_pipeline.settings import load_settings
 from tests.conftest import testdata
 from tests.integration.test_edge_security import listening
+from tests.support.dicom_network import wait_until
 from tests.support.orthanc import orthanc_available, orthanc_tls_config, running_orthanc
 from tests.support.pki import Pki, make_pki
 
@@ -51,6 +52,11 @@ def _listener_tls(pki: Pki) -> dict[str, object]:
         "ca_certificates": str(pki.ca),
         "require_client_certificate": True,
     }
+
+
+def _state(ledger: Ledger, uid: str) -> JobState | None:
+    record = ledger.get(uid)
+    return None if record is None else record.state
 
 
 def _dcmtk(tool: str, port: int, pki: Pki, client: tuple[Path, Path], *files: Path) -> str:
@@ -118,8 +124,8 @@ def test_orthanc_round_trip_over_tls(engine: Engine, tmp_path: Path, pki: Pki) -
             found = pacs.wait_for_instances(study_uid, 3, timeout_s=120)
             assert len(found) == 3, pacs.log_tail()
             uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
-            record = service.ledger.get(uid)
-            assert record is not None and record.state is JobState.DONE
+            # The SR and SC reach the PACS before the ledger row turns DONE: wait for it.
+            assert wait_until(lambda: _state(service.ledger, uid) is JobState.DONE, timeout_s=60)
             events = [
                 m["event"]
                 for m in read_trail(Path(service.settings.data_dir) / "audit" / "audit.jsonl")

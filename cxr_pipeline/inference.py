@@ -10,9 +10,11 @@ original stays for heatmaps (which hook named layers) and for saving.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +70,36 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def structure_copy(model: nn.Module, *, frozen: bool = False) -> nn.Module:
+    """Copy a module tree without copying its tensors.
+
+    ``copy.deepcopy`` with every parameter and buffer pre-entered in the memo: the modules
+    are new objects, their tensors are the original storage. Changing the copy's structure
+    (replacing or hooking a submodule) leaves ``model`` alone; nothing here writes weights.
+
+    Parameters
+    ----------
+    model
+        The module to copy.
+    frozen
+        Give the copy its own ``Parameter`` objects on the same storage with
+        ``requires_grad=False`` (for autograd that must not reach the weights, without
+        changing the original's flags); otherwise the copy shares the parameters themselves.
+
+    Returns
+    -------
+    torch.nn.Module
+        The copy, in the original's train/eval mode.
+    """
+    memo: dict[int, Any] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(param.detach(), requires_grad=False) if frozen else param
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer
+    copied: nn.Module = copy.deepcopy(model, memo)
+    return copied
+
+
 def fold_batch_norms(model: nn.Module) -> nn.Module:
     """Return an inference copy of ``model`` with batch norms folded into convolutions.
 
@@ -93,7 +125,9 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     if not any(isinstance(module, nn.BatchNorm2d) for module in model.modules()):
         return model
     try:
-        folded = fuse(model, inplace=False)
+        # In place on a structure copy: the fused convolutions are new tensors, and the
+        # rest shares the original weights (fuse(inplace=False) would copy every tensor).
+        folded = fuse(structure_copy(model), inplace=True)
     except Exception as exc:  # untraceable models are fine as they are
         log.info("batch norms not folded (%s: %s)", type(exc).__name__, str(exc)[:200])
         return model

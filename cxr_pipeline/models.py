@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from cxr_pipeline import efficientnet_lite
@@ -77,6 +76,8 @@ def _replace_head(model: nn.Module, architecture: str, num_classes: int) -> None
 
 def _imagenet_weights(architecture: str, weights: str) -> Any:
     """Resolve a torchvision weights name and make sure it is cached (never download)."""
+    import torchvision  # only the paper's four architectures need it (about 1 s to import)
+
     try:
         enum = torchvision.models.get_model_weights(architecture)
         resolved = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
@@ -137,6 +138,8 @@ def build_model(
             efficientnet_lite.load_imagenet_weights(lite)
         model = lite
     else:
+        import torchvision  # only the paper's four architectures need it (about 1 s to import)
+
         resolved = None if weights is None else _imagenet_weights(architecture, weights)
         model = torchvision.models.get_model(architecture, weights=resolved)
     _replace_head(model, architecture, num_classes)

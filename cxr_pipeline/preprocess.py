@@ -1,4 +1,4 @@
-"""The one preprocessing chain shared by training and inference (MONAI transforms).
+"""The one preprocessing chain shared by training and inference.
 
 Input: a display-ready float32 greyscale image ``(rows, cols)`` in [0, 1] (from
 :mod:`cxr_pipeline.ingest`: DICOM after modality/VOI LUT and MONOCHROME1 inversion, or a
@@ -11,7 +11,17 @@ among the image's pixels (:class:`RankNormalize`), at the resolution it was give
 resizing. Ranks do not change under any increasing intensity map, so the window/level a
 PACS applied, a gamma curve, or 12- versus 16-bit storage give the same model input; only a
 window that clips (ties the pixels beyond it) still changes the picture a little, which
-training covers with random windows (:class:`RandWindow`).
+training covers with random windows (:class:`cxr_pipeline.augment.RandWindow`).
+
+The deterministic (evaluation and inference) chain is written with ``torch`` operations
+here, step for step what MONAI's ``Resize`` (``area`` / ``bilinear``),
+``CenterSpatialCrop``, ``SpatialPad(method="symmetric")``, ``RepeatChannel`` and
+``NormalizeIntensity(channel_wise=True)`` compute; ``tests/unit/test_preprocess.py`` checks
+that it gives the same tensor as that MONAI chain on real radiographs. The reason is start-up
+time: any ``monai`` import runs ``monai/__init__``, which imports every MONAI sub-package,
+torchvision's detection models and ``torch._dynamo`` (about 2.5 s of a 3 s budget for one
+image on a 2-core machine). Training's random augmentation is MONAI's
+(:mod:`cxr_pipeline.augment`), imported only when ``train=True`` is asked for.
 
 Because PNGs and DICOMs both reach this chain as the same [0, 1] array, the same pixels
 give the same tensor whatever container they came in.
@@ -19,38 +29,19 @@ give the same tensor whatever container they came in.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-
-# Imported from their defining modules: ``monai.transforms`` does not re-export them for mypy.
-from monai.transforms.compose import Compose
-from monai.transforms.croppad.array import CenterSpatialCrop, RandScaleCrop, SpatialPad
-from monai.transforms.intensity.array import NormalizeIntensity, RandAdjustContrast
-from monai.transforms.spatial.array import RandFlip, RandRotate, Resize
-from monai.transforms.transform import RandomizableTransform, Transform
-from monai.transforms.utility.array import EnsureChannelFirst, EnsureType, RepeatChannel
+import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from cxr_pipeline.errors import UnsupportedPixelData
 from cxr_pipeline.model_card import PreprocessingSpec
 
-TRAIN_MIN_CROP_SIDE = 0.5
-"""Smallest random-crop side in training, as a fraction of the image side (area >= 25%)."""
-TRAIN_ROTATION_DEG = 10.0
-"""Largest random rotation in training, degrees (the paper's "small rotations")."""
-TRAIN_WINDOW_PROB = 0.7
-"""Chance that a training image is clipped by a random window (:class:`RandWindow`)."""
-TRAIN_WINDOW_MAX_CLIP = 0.12
-"""Largest share of the pixels a random window clips at each end (a 5-95 % window clips 5 %)."""
-TRAIN_GAMMA = (0.7, 1.4)
-"""Random gamma range in training (only with ``intensity="none"``: ranks ignore gamma)."""
 
-
-class RankNormalize(Transform):
+class RankNormalize:
     """Replace each pixel by its mid-rank among the image's pixels, scaled to (0, 1).
 
     ``out = (#pixels below v + #pixels equal to v / 2) / #pixels``: the image's empirical
@@ -80,43 +71,6 @@ class RankNormalize(Transform):
         if self.clip > 0.0:
             cdf = np.clip((cdf - self.clip) / (1.0 - 2.0 * self.clip), 0.0, 1.0)
         out: np.ndarray = cdf[inverse].reshape(arr.shape).astype(np.float32)
-        return out
-
-
-class RandWindow(RandomizableTransform):
-    """Random display window: clip the darkest and brightest pixels, rescale to [0, 1].
-
-    With probability ``prob`` the image is clipped to its ``lo`` and ``1 - hi`` quantiles,
-    ``lo`` and ``hi`` drawn uniformly from ``[0, max_clip]``: what a PACS window around the
-    stored values' percentiles does (the 1-99 % and 5-95 % windows of the benchmark). Then
-    the clipped pixels tie, as in a windowed DICOM. MONAI has no quantile-window transform
-    (``ScaleIntensityRangePercentiles`` is deterministic), hence this small one.
-    """
-
-    def __init__(self, prob: float = TRAIN_WINDOW_PROB,
-                 max_clip: float = TRAIN_WINDOW_MAX_CLIP) -> None:
-        RandomizableTransform.__init__(self, prob)
-        self.max_clip = max_clip
-        self._lo = 0.0
-        self._hi = 0.0
-
-    def randomize(self, data: Any = None) -> None:
-        """Draw whether to clip and the two clipped shares."""
-        super().randomize(None)
-        self._lo = float(self.R.uniform(0.0, self.max_clip))
-        self._hi = float(self.R.uniform(0.0, self.max_clip))
-
-    def __call__(self, img: Any, randomize: bool = True) -> np.ndarray:
-        """Window a float image in [0, 1] (any shape)."""
-        if randomize:
-            self.randomize()
-        arr = np.asarray(img, dtype=np.float32)
-        if not self._do_transform:
-            return arr
-        low, high = np.quantile(arr, [self._lo, 1.0 - self._hi])
-        if high <= low:
-            return arr
-        out: np.ndarray = ((np.clip(arr, low, high) - low) / (high - low)).astype(np.float32)
         return out
 
 
@@ -179,35 +133,110 @@ def resized_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:
     return int(size * rows / cols), size
 
 
-class ResizeShorterSide(Transform):
-    """Resize a channel-first image so its shorter side is ``size``, keeping the aspect.
+def _resize_mode(shape: tuple[int, int], size: int) -> str:
+    """``area`` (box filter, anti-aliased and fast) to shrink, bilinear to enlarge."""
+    return "area" if min(shape) > size else "bilinear"
 
-    MONAI's ``Resize`` offers "all sides" and "longest side" modes but not torchvision's
-    shorter-side rule used by the paper's recipe, so this computes the target shape and
-    delegates to ``monai.transforms.Resize``. Downsampling uses ``area`` (box filter,
-    anti-aliased and fast); upsampling uses bilinear interpolation.
+
+def resize_shorter_side(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize ``(C, rows, cols)`` so that the shorter side is ``size``, keeping the aspect.
+
+    torchvision's ``Resize(int)`` rule (:func:`resized_shape`), computed as MONAI's
+    ``Resize(spatial_size, mode)`` does: one ``torch.nn.functional.interpolate`` call,
+    ``area`` to shrink and bilinear (``align_corners=False``) to enlarge, no smoothing.
+
+    Parameters
+    ----------
+    image
+        float32 ``(C, rows, cols)``.
+    size
+        Target shorter side.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 ``(C, rows', cols')``.
     """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, img: Any) -> Any:
-        """Resize ``img`` of shape ``(C, rows, cols)``."""
-        rows, cols = int(img.shape[-2]), int(img.shape[-1])
-        target = resized_shape((rows, cols), self.size)
-        mode = "area" if min(rows, cols) > self.size else "bilinear"
-        return Resize(spatial_size=target, mode=mode)(img)
+    shape = (int(image.shape[-2]), int(image.shape[-1]))
+    target = resized_shape(shape, size)
+    if target == shape:
+        return image
+    mode = _resize_mode(shape, size)
+    align = False if mode == "bilinear" else None
+    return F.interpolate(image[None], size=target, mode=mode, align_corners=align)[0]
 
 
-def _normalise(spec: PreprocessingSpec) -> NormalizeIntensity:
-    return NormalizeIntensity(
-        subtrahend=np.asarray(spec.mean, dtype=np.float32),
-        divisor=np.asarray(spec.std, dtype=np.float32),
-        channel_wise=True,
-    )
+def crop_or_pad_centre(image: torch.Tensor, crop: int) -> torch.Tensor:
+    """Centre-crop ``(C, rows, cols)`` to ``crop x crop``, zero-padding a shorter side.
+
+    A side longer than ``crop`` starts at ``side // 2 - crop // 2`` (MONAI's
+    ``CenterSpatialCrop``); a shorter one gets ``(crop - side) // 2`` zeros before it and the
+    rest after (``SpatialPad(method="symmetric")``), as :func:`input_geometry` describes.
+
+    Parameters
+    ----------
+    image
+        ``(C, rows, cols)``.
+    crop
+        Side of the square output.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(C, crop, crop)``.
+    """
+    rows, cols = int(image.shape[-2]), int(image.shape[-1])
+    r0 = max(rows // 2 - crop // 2, 0)
+    c0 = max(cols // 2 - crop // 2, 0)
+    out = image[:, r0 : r0 + crop, c0 : c0 + crop]
+    pad_rows, pad_cols = crop - int(out.shape[-2]), crop - int(out.shape[-1])
+    if pad_rows or pad_cols:
+        out = F.pad(
+            out,
+            (pad_cols // 2, pad_cols - pad_cols // 2, pad_rows // 2, pad_rows - pad_rows // 2),
+        )
+    return out
 
 
-def _check_pixels(pixels: Any) -> None:
+def finish(image: torch.Tensor, spec: PreprocessingSpec) -> torch.Tensor:
+    """Centre-crop or pad to the crop size, replicate grey to 3 channels, normalise.
+
+    The last steps of every chain, random or not (:func:`crop_or_pad_centre`, so a crop
+    larger than a small image is padded to ``spec.crop``), then ``(x - mean[c]) / std[c]``
+    per channel.
+
+    Parameters
+    ----------
+    image
+        float32 ``(1, rows, cols)``.
+    spec
+        The card's crop size, mean and standard deviation.
+
+    Returns
+    -------
+    torch.Tensor
+        Contiguous float32 ``(3, spec.crop, spec.crop)``.
+    """
+    square = crop_or_pad_centre(image, spec.crop)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+    out = (square.expand(3, -1, -1) - mean) / std
+    return out.contiguous()
+
+
+def check_pixels(pixels: Any) -> None:
+    """Raise :class:`UnsupportedPixelData` unless ``pixels`` is a finite, non-empty 2-D array.
+
+    Parameters
+    ----------
+    pixels
+        What a chain was given.
+
+    Raises
+    ------
+    UnsupportedPixelData
+        Wrong type or shape, empty, NaN or infinite values.
+    """
     if not isinstance(pixels, np.ndarray) or pixels.ndim != 2:
         shape = getattr(pixels, "shape", None)
         raise UnsupportedPixelData(f"expected a 2-D greyscale array, got shape {shape}")
@@ -217,46 +246,40 @@ def _check_pixels(pixels: Any) -> None:
         raise UnsupportedPixelData("image contains NaN or infinite values")
 
 
-class _Checked:
-    """Validate the input array, then run the MONAI chain (a picklable callable)."""
-
-    def __init__(self, chain: Compose) -> None:
-        self.chain = chain
-
-    def set_random_state(self, seed: int) -> None:
-        """Seed the random transforms (training reproducibility)."""
-        self.chain.set_random_state(seed=seed)
-
-    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
-        _check_pixels(pixels)
-        out = self.chain(np.ascontiguousarray(pixels, dtype=np.float32))
-        assert isinstance(out, torch.Tensor)
-        return out
+def _intensity(pixels: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
+    arr = np.ascontiguousarray(pixels, dtype=np.float32)
+    if spec.intensity == "rank":
+        return RankNormalize(clip=spec.rank_clip)(arr)
+    return arr
 
 
-def intensity_transforms(spec: PreprocessingSpec, *, train: bool) -> list[Any]:
-    """List the intensity steps that run on the 2-D image before resizing.
+class EvalTransform:
+    """The deterministic chain as a picklable callable (validation and inference).
 
     Parameters
     ----------
     spec
-        The card's preprocessing (``spec.intensity``).
-    train
-        Add the random window (and, without rank normalisation, a random gamma).
-
-    Returns
-    -------
-    list
-        Transforms mapping a ``(rows, cols)`` float array to one of the same shape.
+        The card's preprocessing.
+    resized
+        The input is :func:`build_resized` output: skip the intensity step and the resize.
     """
-    steps: list[Any] = []
-    if train:
-        steps.append(RandWindow())
-        if spec.intensity == "none":
-            steps.append(RandAdjustContrast(prob=0.5, gamma=TRAIN_GAMMA))
-    if spec.intensity == "rank":
-        steps.append(RankNormalize(clip=spec.rank_clip))
-    return steps
+
+    def __init__(self, spec: PreprocessingSpec, *, resized: bool = False) -> None:
+        self.spec = spec
+        self.resized = resized
+
+    def set_random_state(self, seed: int) -> None:
+        """Nothing to seed (the chain is deterministic); kept for the training loop."""
+
+    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+        """Map a float32 ``(rows, cols)`` array to the ``(3, crop, crop)`` model input."""
+        check_pixels(pixels)
+        if self.resized:
+            image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None]
+        else:
+            image = torch.from_numpy(_intensity(pixels, self.spec))[None]
+            image = resize_shorter_side(image, self.spec.resize)
+        return finish(image, self.spec)
 
 
 def build_resized(spec: PreprocessingSpec) -> Callable[[np.ndarray], np.ndarray]:
@@ -277,14 +300,11 @@ def build_resized(spec: PreprocessingSpec) -> Callable[[np.ndarray], np.ndarray]
         Maps a float32 ``(rows, cols)`` array to a float32 ``(rows', cols')`` array whose
         shorter side is ``spec.resize``.
     """
-    chain = Compose([*intensity_transforms(spec, train=False),
-                     EnsureChannelFirst(channel_dim="no_channel"),
-                     ResizeShorterSide(spec.resize)])
 
     def run(pixels: np.ndarray) -> np.ndarray:
-        _check_pixels(pixels)
-        out = chain(np.ascontiguousarray(pixels, dtype=np.float32))
-        return np.asarray(out[0], dtype=np.float32)
+        check_pixels(pixels)
+        image = torch.from_numpy(_intensity(pixels, spec))[None]
+        return resize_shorter_side(image, spec.resize)[0].numpy().astype(np.float32, copy=False)
 
     return run
 
@@ -300,9 +320,9 @@ def build_transform(
         Intensity step, resize, crop and normalisation parameters (from the model card).
     train
         False: deterministic evaluation chain (intensity step, resize shorter side to
-        ``spec.resize``, centre crop ``spec.crop``). True: random window (and gamma without
-        rank normalisation), then the paper's augmentation (random scaled crop resized to
-        ``spec.crop``, horizontal flip, small rotation).
+        ``spec.resize``, centre crop ``spec.crop``). True: MONAI's random augmentation
+        (:func:`cxr_pipeline.augment.train_transform`: random window, and gamma without
+        rank normalisation, then the paper's random scaled crop, flip and small rotation).
     resized
         The input is :func:`build_resized` output: skip the steps it already applied (in
         training, the random window runs on it and the ranks are taken again so clipped
@@ -319,32 +339,11 @@ def build_transform(
     UnsupportedPixelData
         (when called) the input is not a finite 2-D array.
     """
-    intensity = intensity_transforms(spec, train=train) if (train or not resized) else []
-    head: list[Any] = [*intensity, EnsureChannelFirst(channel_dim="no_channel")]
-    if not resized:
-        head.append(ResizeShorterSide(spec.resize))
     if train:
-        geometry: list[Any] = [
-            RandScaleCrop(roi_scale=TRAIN_MIN_CROP_SIDE, max_roi_scale=1.0, random_size=True),
-            Resize(spatial_size=(spec.crop, spec.crop), mode="bilinear"),
-            RandFlip(prob=0.5, spatial_axis=1),
-            RandRotate(
-                range_x=math.radians(TRAIN_ROTATION_DEG),
-                prob=0.5,
-                keep_size=True,
-                padding_mode="zeros",
-            ),
-        ]
-    else:
-        geometry = [CenterSpatialCrop(roi_size=(spec.crop, spec.crop))]
-    tail: list[Any] = [
-        # A centre crop larger than a small image leaves it smaller: pad to the crop size.
-        SpatialPad(spatial_size=(spec.crop, spec.crop), method="symmetric", mode="constant"),
-        RepeatChannel(repeats=3),
-        _normalise(spec),
-        EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
-    ]
-    return _Checked(Compose([*head, *geometry, *tail]))
+        from cxr_pipeline.augment import train_transform  # MONAI: training only
+
+        return train_transform(spec, resized=resized)
+    return EvalTransform(spec, resized=resized)
 
 
 _EVAL_CACHE: dict[Hashable, Callable[[np.ndarray], torch.Tensor]] = {}
@@ -367,7 +366,7 @@ def preprocess(pixels: np.ndarray, spec: PreprocessingSpec) -> torch.Tensor:
     """
     transform = _EVAL_CACHE.get(spec)
     if transform is None:
-        transform = _EVAL_CACHE.setdefault(spec, build_transform(spec, train=False))
+        transform = _EVAL_CACHE.setdefault(spec, EvalTransform(spec))
     return transform(pixels)
 
 

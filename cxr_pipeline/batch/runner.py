@@ -99,7 +99,7 @@ def decode_pool(settings: Settings, workers: int) -> ProcessPoolExecutor:
     """Start the decode processes (forkserver or spawn), each set up for decoding."""
     context = multiprocessing.get_context(settings.batch.start_method)
     if settings.batch.start_method == "forkserver":
-        # Import torch, MONAI and the decoders once in the fork server; each decode
+        # Import torch and the decoders once in the fork server; each decode
         # process then starts as a cheap fork of it.
         context.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
     executor = ProcessPoolExecutor(

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from monai.visualize.occlusion_sensitivity import OcclusionSensitivity
 
 from cxr_pipeline.errors import ConfigError, ModelError
 
@@ -68,6 +67,10 @@ def occlusion(
     if batch < 1:
         raise ConfigError(f"occlusion batch {batch} must be >= 1")
     base = float(predictor.predict_tensors(x)[0])
+    # Imported here: any monai import loads all of MONAI (seconds), which the default
+    # Grad-CAM path and start-up do not need.
+    from monai.visualize.occlusion_sensitivity import OcclusionSensitivity
+
     sensitivity = OcclusionSensitivity(
         nn_module=predictor.inference_model,
         mask_size=patch,

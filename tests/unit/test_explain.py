@@ -124,6 +124,44 @@ def test_gradcam_every_architecture(architecture: str, pixels: np.ndarray) -> No
     )
 
 
+def _monai_gradcam(pred: Predictor, tensor: torch.Tensor) -> np.ndarray:
+    """``monai.visualize.GradCAM`` on a copy of the model: the reference map."""
+    import copy
+
+    from monai.visualize.class_activation_maps import GradCAM
+
+    from cxr_pipeline.explain.gradcam import TARGET_LAYERS
+
+    cam = GradCAM(
+        nn_module=copy.deepcopy(pred.model).eval(),
+        target_layers=TARGET_LAYERS[pred.card.architecture],
+        postprocessing=lambda x: x,
+    )
+    with torch.inference_mode(False), torch.enable_grad():
+        x = pred.to_model_input(tensor[None].clone())
+        raw = cam(x, class_idx=pred.card.covid_index)[0, 0].detach().float().clamp_min(0.0)
+    peak = float(raw.max())
+    return (raw / peak if peak > 0 else raw).numpy()
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_gradcam_is_the_map_monai_computes(architecture: str, pixels: np.ndarray) -> None:
+    torch.manual_seed(2)
+    pred = Predictor(build_model(architecture), _card(architecture), device="cpu")
+    tensor = preprocess(pixels, SMALL)
+    np.testing.assert_allclose(gradcam(pred, tensor), _monai_gradcam(pred, tensor), atol=1e-4)
+
+
+def test_gradcam_of_the_packaged_model_is_the_map_monai_computes(pixels: np.ndarray) -> None:
+    from cxr_pipeline.models import default_checkpoint_path
+
+    pred = Predictor.from_checkpoint(default_checkpoint_path(), device="cpu")
+    tensor = preprocess(pixels, pred.card.preprocessing)
+    ours = gradcam(pred, tensor)
+    assert ours.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(ours, _monai_gradcam(pred, tensor), atol=1e-4)
+
+
 def test_gradcam_depends_on_the_image_and_works_under_inference_mode(
     predictor: Predictor, pixels: np.ndarray
 ) -> None:

@@ -1,19 +1,22 @@
-"""The shared MONAI preprocessing chain on real radiographs."""
+"""The shared preprocessing chain on real radiographs (and its MONAI equivalence)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from cxr_pipeline.augment import RandWindow
 from cxr_pipeline.errors import UnsupportedPixelData
 from cxr_pipeline.explain import map_to_image
 from cxr_pipeline.model_card import PreprocessingSpec
 from cxr_pipeline.preprocess import (
-    RandWindow,
     RankNormalize,
     build_resized,
     build_transform,
@@ -243,3 +246,58 @@ def test_rank_clip_makes_windows_that_clip_less_than_it_exact(nih_pixels: np.nda
     assert float((preprocess(wide, clipped_spec) - reference).abs().max()) > 0.1
     with pytest.raises(ValueError, match="rank_clip"):
         PreprocessingSpec(intensity="rank", rank_clip=0.5)
+
+
+def _monai_eval_chain(spec: PreprocessingSpec) -> Any:
+    """The evaluation chain in MONAI's own transforms: the reference for the torch one."""
+    from monai.transforms.compose import Compose
+    from monai.transforms.croppad.array import CenterSpatialCrop, SpatialPad
+    from monai.transforms.intensity.array import NormalizeIntensity
+    from monai.transforms.spatial.array import Resize
+    from monai.transforms.utility.array import EnsureChannelFirst, EnsureType, RepeatChannel
+
+    def resize(img: Any) -> Any:
+        rows, cols = int(img.shape[-2]), int(img.shape[-1])
+        mode = "area" if min(rows, cols) > spec.resize else "bilinear"
+        return Resize(spatial_size=resized_shape((rows, cols), spec.resize), mode=mode)(img)
+
+    steps: list[Any] = [RankNormalize(spec.rank_clip)] if spec.intensity == "rank" else []
+    return Compose([
+        *steps,
+        EnsureChannelFirst(channel_dim="no_channel"),
+        resize,
+        CenterSpatialCrop(roi_size=(spec.crop, spec.crop)),
+        SpatialPad(spatial_size=(spec.crop, spec.crop), method="symmetric", mode="constant"),
+        RepeatChannel(repeats=3),
+        NormalizeIntensity(subtrahend=np.asarray(spec.mean, dtype=np.float32),
+                           divisor=np.asarray(spec.std, dtype=np.float32), channel_wise=True),
+        EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
+    ])  # fmt: skip
+
+
+def test_torch_chain_computes_what_the_monai_chain_does(nih_png_paths: list[Path]) -> None:
+    from cxr_pipeline.ingest import load_picture
+
+    rng = np.random.default_rng(1)
+    images = [load_picture(path) for path in nih_png_paths[:4]]
+    # Upsampled, padded on one or both sides, odd sizes, portrait and landscape.
+    shapes = [(97, 101), (300, 150), (150, 300), (224, 224), (255, 1000), (1955, 1841)]
+    images += [rng.random(shape, dtype=np.float32) for shape in shapes]
+    rank_clip = replace(RANK, rank_clip=0.08)
+    small = replace(SPEC, resize=64, crop=80)  # a crop larger than the resize: padding
+    for spec in (SPEC, RANK, rank_clip, small):
+        reference = _monai_eval_chain(spec)
+        for image in images:
+            expected = reference(np.ascontiguousarray(image))
+            torch.testing.assert_close(preprocess(image, spec), expected, atol=1e-6, rtol=0)
+
+
+def test_inference_imports_neither_monai_nor_torchvision() -> None:
+    """One image must not pay MONAI's import-everything ``__init__`` (seconds) or torchvision."""
+    code = (
+        "import sys, cxr_pipeline.pipeline, cxr_pipeline.explain, cxr_pipeline.inference; "
+        "print(sorted(m for m in ('monai', 'torchvision', 'torch._dynamo') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

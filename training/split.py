@@ -10,6 +10,13 @@ When the pool is smaller than the recipe, the split says so loudly and applies t
 paper's per-class train/test proportions (COVID 84:100, non-COVID 2000:3000) to the
 whole pool, unless explicit counts are given. It never changes the recipe silently.
 Images of one patient always land in the same split.
+
+For small pools, ``--fractions TRAIN VAL TEST`` makes a patient-disjoint split
+**stratified by source and label** instead (:func:`make_stratified_split`): every
+(source, label) stratum, e.g. the Cohen collection's non-COVID findings, is divided in
+those proportions, so no stratum is starved in training. Scaling the paper's 2000:3000
+non-COVID proportion down to the shared pool put 72 of its 99 ieee8023 non-COVID images
+(the hard negatives: other pneumonias, ARDS) in the test split and 21 in training.
 """
 
 from __future__ import annotations
@@ -265,6 +272,143 @@ def make_split(
     return result
 
 
+Stratum = tuple[str, str]
+"""(source, label) of an image."""
+
+
+def stratum_of(sample: Sample) -> Stratum:
+    """Return the (source, label) stratum of a sample."""
+    return (sample.source, sample.label)
+
+
+def stratum_targets(counts: dict[Stratum, int], fractions: Sequence[float]
+                    ) -> dict[str, dict[Stratum, int]]:
+    """Images of every stratum wanted in each split (largest-remainder rounding).
+
+    Parameters
+    ----------
+    counts
+        Images per (source, label) stratum.
+    fractions
+        Train, validation and test fractions (positive, summing to 1).
+
+    Returns
+    -------
+    dict
+        ``{split: {stratum: count}}``; the counts of a stratum sum to its size.
+
+    Raises
+    ------
+    DatasetError
+        Not three fractions, a fraction not positive, or a sum other than 1.
+    """
+    if len(fractions) != len(SPLITS):
+        raise DatasetError(f"need {len(SPLITS)} fractions (train, val, test), got {fractions}")
+    if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise DatasetError(f"fractions must be positive and sum to 1, got {fractions}")
+    out: dict[str, dict[Stratum, int]] = {name: {} for name in SPLITS}
+    for stratum in sorted(counts):
+        n = counts[stratum]
+        exact = [n * f for f in fractions]
+        base = [int(np.floor(x)) for x in exact]
+        # Largest remainder first; ties go to the earlier split (train, val, test).
+        by_remainder = sorted(range(len(SPLITS)), key=lambda i: (-(exact[i] - base[i]), i))
+        for i in by_remainder[: n - sum(base)]:
+            base[i] += 1
+        for name, k in zip(SPLITS, base, strict=True):
+            out[name][stratum] = k
+    return out
+
+
+def make_stratified_split(
+    pool: Sequence[Sample],
+    fractions: Sequence[float] = (0.6, 0.15, 0.25),
+    *,
+    seed: int = 0,
+    covid_copies: int = PAPER_RECIPE.covid_copies,
+) -> SplitResult:
+    """Split a pool patient-disjoint, every (source, label) stratum in the same proportions.
+
+    Patients are taken largest first (random order among equal sizes, from ``seed``) and
+    each goes, whole, to the split where it fills the most still-missing images of its
+    strata (images beyond a split's target count against it); among equally good splits
+    the one missing the largest share of its targets for those strata wins, so large
+    patients spread over the splits. A patient with images in several strata (e.g.
+    COVID-19 and another finding) counts in each.
+
+    Parameters
+    ----------
+    pool
+        Labelled images with patient ids and sources.
+    fractions
+        Train, validation and test fractions of every stratum.
+    seed
+        Seed of the patient order.
+    covid_copies
+        Training copies of each COVID training image (the paper's 5x augmentation).
+
+    Returns
+    -------
+    SplitResult
+        Every pool image with ``split`` and ``copies`` set; ``notes`` gives the targets
+        a stratum missed because whole patients cannot be divided.
+
+    Raises
+    ------
+    DatasetError
+        Empty pool, bad fractions, or a patient spanning two splits.
+    """
+    if not pool:
+        raise DatasetError("empty pool")
+    counts: dict[Stratum, int] = defaultdict(int)
+    for s in pool:
+        counts[stratum_of(s)] += 1
+    targets = stratum_targets(dict(counts), fractions)
+    remaining = {name: dict(t) for name, t in targets.items()}
+    rng = np.random.default_rng(seed)
+    groups = _groups(pool)
+    order = [groups[i] for i in rng.permutation(len(groups))]
+    order.sort(key=len, reverse=True)  # stable: random order within equal sizes
+    chosen: dict[str, str] = {}
+    for group in order:
+        have: dict[Stratum, int] = defaultdict(int)
+        for s in group:
+            have[stratum_of(s)] += 1
+
+        def score(name: str, have: dict[Stratum, int] = have) -> tuple[int, float]:
+            rem = remaining[name]
+            gain = sum(min(k, max(rem[st], 0)) - max(0, k - max(rem[st], 0))
+                       for st, k in have.items())
+            share = sum(max(rem[st], 0) / max(targets[name][st], 1) for st in have)
+            return gain, share
+
+        best = max(SPLITS, key=score)  # max keeps the first of equal scores
+        chosen[group[0].patient_id] = best
+        for st, k in have.items():
+            remaining[best][st] -= k
+    samples = [replace(s, split=chosen[s.patient_id],
+                       copies=covid_copies if chosen[s.patient_id] == "train"
+                       and s.label == COVID else 1) for s in pool]
+    check_patient_disjoint(samples)
+    recipe = replace(PAPER_RECIPE, covid_copies=covid_copies, val_fraction=fractions[1])
+    tv = [s for s in samples if s.split != "test"]
+    te = [s for s in samples if s.split == "test"]
+    recipe = replace(recipe, train_covid=class_counts(tv)[COVID],
+                     train_non_covid=class_counts(tv)[NON_COVID],
+                     test_covid=class_counts(te)[COVID],
+                     test_non_covid=class_counts(te)[NON_COVID])
+    notes = [f"Stratified by source and label: fractions train {fractions[0]:g}, val "
+             f"{fractions[1]:g}, test {fractions[2]:g} of every stratum (not the paper's "
+             f"counts)."]
+    for name in SPLITS:
+        for st, want in sorted(targets[name].items()):
+            got = sum(1 for s in samples if s.split == name and stratum_of(s) == st)
+            if got != want:
+                notes.append(f"{name} {st[0]} {st[1]}: {got} images instead of {want} "
+                             f"(whole patients cannot be divided)")
+    return SplitResult(samples=samples, recipe=recipe, notes=notes)
+
+
 def check_patient_disjoint(samples: Sequence[Sample]) -> None:
     """Raise :class:`DatasetError` if one patient appears in two of train/val/test."""
     seen: dict[str, str] = {}
@@ -306,6 +450,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fail instead of scaling the recipe down to a smaller pool")
     p.add_argument("--keep-test", action="store_true",
                    help="keep the pool's own test split (e.g. the authors' COVID-Xray-5k test)")
+    p.add_argument("--fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                   help="small pools: patient-disjoint split stratified by source and label, "
+                        "these fractions of every stratum (instead of the paper's counts)")
     return p
 
 
@@ -326,15 +473,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             for k in ("train_covid", "train_non_covid", "test_covid", "test_non_covid")
             if getattr(args, k) is not None
         }
-        recipe = replace(PAPER_RECIPE, covid_copies=args.covid_copies,
-                         val_fraction=args.val_fraction, **explicit)
-        result = make_split(pool, recipe, seed=args.seed, scale=not (explicit or args.no_scale),
-                            keep_test=args.keep_test)
+        if args.fractions is not None:
+            if explicit or args.keep_test or args.no_scale:
+                raise DatasetError("--fractions cannot be combined with explicit counts, "
+                                   "--keep-test or --no-scale")
+            result = make_stratified_split(pool, args.fractions, seed=args.seed,
+                                           covid_copies=args.covid_copies)
+        else:
+            recipe = replace(PAPER_RECIPE, covid_copies=args.covid_copies,
+                             val_fraction=args.val_fraction, **explicit)
+            result = make_split(pool, recipe, seed=args.seed,
+                                scale=not (explicit or args.no_scale), keep_test=args.keep_test)
     except DatasetError as exc:
         console.print(f"[bold red]cxr-split: {exc}")
         return 2
     for note in result.notes:
-        console.print(f"[bold red]WARNING:[/] {note}")
+        warn = "Stratified" not in note
+        console.print(f"[bold red]WARNING:[/] {note}" if warn else note)
     write_manifest(result.samples, args.out)
     table = Table(title=f"split written to {args.out} (seed {args.seed})")
     for col in ("split", "source", "COVID", "non-COVID", "COVID training copies"):

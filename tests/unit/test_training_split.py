@@ -17,7 +17,17 @@ from training.datasets import (
     scan_covid_xray_5k,
     write_manifest,
 )
-from training.split import PAPER_RECIPE, SplitRecipe, check_patient_disjoint, main, make_split
+from training.split import (
+    PAPER_RECIPE,
+    SPLITS,
+    SplitRecipe,
+    check_patient_disjoint,
+    main,
+    make_split,
+    make_stratified_split,
+    stratum_of,
+    stratum_targets,
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +156,114 @@ def test_bad_manifest_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text("path,label,patient_id\na.png,flu,p1\n")
     with pytest.raises(DatasetError, match="unknown label"):
         read_manifest(bad)
+
+
+FRACTIONS = (0.6, 0.15, 0.25)
+
+
+def _stratum_counts(samples: list, split: str | None = None) -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    for s in samples:
+        if split is None or s.split == split:
+            counts[stratum_of(s)] += 1
+    return dict(counts)
+
+
+def test_stratified_split_is_patient_disjoint_and_keeps_every_strata_proportion(
+        pool: list) -> None:
+    result = make_stratified_split(pool, FRACTIONS, seed=0)
+    assert len(result.samples) == len(pool)
+    assert sorted(s.path for s in result.samples) == sorted(s.path for s in pool)
+    assert {s.split for s in result.samples} == set(SPLITS)  # nothing unused
+    for patient, splits in _splits_of_patients(result.samples).items():
+        assert len(splits) == 1, patient
+    check_patient_disjoint(result.samples)
+    whole = _stratum_counts(pool)  # from the shared manifest, never hard-coded
+    assert len(whole) >= 3  # NIH non-COVID, ieee8023 COVID, ieee8023 non-COVID at least
+    sizes: dict[str, int] = defaultdict(int)
+    for s in pool:
+        sizes[s.patient_id] += 1
+    slack = max(sizes.values())  # one whole patient
+    for name, fraction in zip(SPLITS, FRACTIONS, strict=True):
+        got = _stratum_counts(result.samples, name)
+        for stratum, n in whole.items():
+            assert abs(got.get(stratum, 0) - n * fraction) <= slack, (name, stratum)
+            assert got.get(stratum, 0) >= 1, (name, stratum)  # no stratum starved
+    # The hard negatives (a source holding both labels, non-COVID) are mostly in training.
+    hard = [st for st in whole if st[1] == NON_COVID
+            and (st[0], COVID) in whole]
+    assert hard
+    for st in hard:
+        assert _stratum_counts(result.samples, "train")[st] > whole[st] / 2
+    # 5 copies of each COVID training image, one of everything else.
+    assert {s.copies for s in result.of("train") if s.label == COVID} == {5}
+    assert {s.copies for s in result.samples
+            if s.split != "train" or s.label != COVID} == {1}
+
+
+def test_stratified_split_meets_the_rounded_targets_on_the_shared_pool(pool: list) -> None:
+    result = make_stratified_split(pool, FRACTIONS, seed=0)
+    targets = stratum_targets(_stratum_counts(pool), FRACTIONS)
+    for name in SPLITS:
+        got = _stratum_counts(result.samples, name)
+        for stratum, want in targets[name].items():
+            assert abs(got.get(stratum, 0) - want) <= 2, (name, stratum, got, want)
+    missed = [n for n in result.notes if "instead of" in n]
+    assert len(missed) == sum(
+        _stratum_counts(result.samples, name).get(st, 0) != want
+        for name in SPLITS for st, want in targets[name].items())
+
+
+def test_stratum_targets_round_to_the_stratum_size() -> None:
+    sizes = {("a", COVID): 350, ("a", NON_COVID): 99, ("b", NON_COVID): 517}
+    targets = stratum_targets(sizes, FRACTIONS)
+    assert [targets[n][("a", NON_COVID)] for n in SPLITS] == [59, 15, 25]
+    assert [targets[n][("b", NON_COVID)] for n in SPLITS] == [310, 78, 129]
+    assert [targets[n][("a", COVID)] for n in SPLITS] == [210, 53, 87]
+    for st, n in sizes.items():
+        assert sum(targets[name][st] for name in SPLITS) == n
+    for bad in ((0.5, 0.5), (0.6, 0.3, 0.3), (1.0, 0.0, 0.0)):
+        with pytest.raises(DatasetError, match="fractions"):
+            stratum_targets({("a", COVID): 10}, bad)
+
+
+def test_stratified_split_is_deterministic_by_seed(pool: list) -> None:
+    a = [(s.path, s.split) for s in make_stratified_split(pool, FRACTIONS, seed=0).samples]
+    b = [(s.path, s.split) for s in make_stratified_split(pool, FRACTIONS, seed=0).samples]
+    c = [(s.path, s.split) for s in make_stratified_split(pool, FRACTIONS, seed=1).samples]
+    assert a == b
+    assert a != c
+
+
+def test_patients_with_both_labels_stay_together_in_the_stratified_split(pool: list) -> None:
+    mixed = [p for p, labels in _labels_of_patients(pool).items() if len(labels) == 2]
+    assert mixed
+    result = make_stratified_split(pool, FRACTIONS, seed=0)
+    for patient in mixed:
+        assert len(_splits_of_patients(result.samples)[patient]) == 1
+
+
+def _labels_of_patients(samples: list) -> dict[str, set[str]]:
+    seen: dict[str, set[str]] = defaultdict(set)
+    for s in samples:
+        seen[s.patient_id].add(s.label)
+    return seen
+
+
+def test_cli_fractions_write_the_stratified_split(tmp_path: Path, shared_data_dir: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "split.csv"
+    manifest = str(shared_data_dir / "manifest.csv")
+    assert main(["--manifest", manifest, "--out", str(out), "--seed", "0",
+                 "--fractions", *map(str, FRACTIONS)]) == 0
+    err = capsys.readouterr().err
+    assert "Stratified by source and label" in err and "POOL TOO SMALL" not in err
+    back = read_manifest(out)
+    pool = read_manifest(shared_data_dir / "manifest.csv")
+    expected = make_stratified_split(pool, FRACTIONS, seed=0).samples
+    assert [(s.path, s.split, s.copies) for s in back] == [
+        (s.path, s.split, s.copies) for s in expected]
+    assert main(["--manifest", manifest, "--out", str(out), "--fractions", "0.5", "0.5",
+                 "0.5"]) == 2
+    assert main(["--manifest", manifest, "--out", str(out), "--fractions", *map(str, FRACTIONS),
+                 "--keep-test"]) == 2

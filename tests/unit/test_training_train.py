@@ -16,7 +16,7 @@ from training.evaluate import main as eval_main
 from training.features import split_backbone_head
 from training.metrics import operating_point, roc
 from training.split import SplitRecipe, make_split
-from training.train import TrainConfig, run_training, weights_device_uid
+from training.train import TrainConfig, class_source_weights, run_training, weights_device_uid
 from training.train import main as train_main
 
 TINY = TrainConfig(architecture="squeezenet1_1", weights=None, epochs=2, batch_size=4,
@@ -86,6 +86,34 @@ def test_feature_cache_training_equals_the_naive_loop(tiny_split: Path,
         assert h1["train_loss"] == pytest.approx(h2["train_loss"], rel=1e-4)
         assert h1["val_loss"] == pytest.approx(h2["val_loss"], rel=1e-4)
     assert naive.card.threshold == pytest.approx(cached.card.threshold, abs=1e-5)
+
+
+def test_class_source_weights_give_every_class_and_source_its_share() -> None:
+    from training.datasets import DatasetError, Sample
+
+    items = ([Sample("c", COVID, "p1", "ieee")] * 50 + [Sample("h", NON_COVID, "p2", "ieee")] * 5
+             + [Sample("n", NON_COVID, "p3", "NIH")] * 45)
+    w = class_source_weights(items)
+    assert w.shape == (100,) and float(w.mean()) == pytest.approx(1.0)
+    by = {key: float(w[[i for i, s in enumerate(items) if (s.label, s.source) == key]].sum())
+          for key in ((COVID, "ieee"), (NON_COVID, "ieee"), (NON_COVID, "NIH"))}
+    # COVID half; non-COVID half, split evenly between its two sources.
+    assert by[(COVID, "ieee")] == pytest.approx(50.0)
+    assert by[(NON_COVID, "ieee")] == pytest.approx(25.0)
+    assert by[(NON_COVID, "NIH")] == pytest.approx(25.0)
+    with pytest.raises(DatasetError, match="lacks a class"):
+        class_source_weights(items[:50])
+
+
+def test_class_source_weighted_training_runs(tiny_split: Path, shared_data_dir: Path) -> None:
+    samples = read_manifest(tiny_split)
+    train = [s for s in samples if s.split == "train"]
+    val = [s for s in samples if s.split == "val"]
+    result = run_training(train, val, shared_data_dir,
+                          replace(TINY, balance="class_source_weights"), progress=False)
+    assert len(result.history) == TINY.epochs
+    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"])
+               for h in result.history)
 
 
 def test_train_and_eval_end_to_end(tiny_split: Path, shared_data_dir: Path,

@@ -52,3 +52,15 @@ def test_sr_and_sc_name_the_default_model_and_version(rg1_uncr: Path, tmp_path: 
     ours = [e for e in sc.ContributingEquipmentSequence if e.get("DeviceUID")]
     assert [e.ManufacturerModelName for e in ours] == [card.name]
     assert ours[0].SoftwareVersions == card.version
+
+
+def test_the_card_describes_the_documented_split(repo_root: Path) -> None:
+    from training.datasets import read_manifest
+    from training.train import split_summary
+
+    _, card = load_checkpoint(default_checkpoint_path())
+    split = read_manifest(repo_root / "docs" / "model" / "split.csv")
+    assert card.training_data == split_summary(split)
+    record = json.loads(default_checkpoint_path().with_suffix(".train.json").read_text())
+    assert record["split"] == "docs/model/split.csv"
+    assert record["card"]["version"] == card.version

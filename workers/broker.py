@@ -41,6 +41,10 @@ SETTINGS_CONF_KEY = "cxr_settings_json"
 """Key of ``app.conf`` carrying the full settings to worker processes."""
 
 
+WORKER_PROC_ALIVE_TIMEOUT_S = 300.0
+"""Seconds a new prefork child may take to load its model and warm up before Celery kills it."""
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration derived from the settings.
 
@@ -82,6 +86,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # A prefork child loads and warms up the model in worker_process_init before it
+        # reports UP; Celery's 4 s default killed children in a loop on a 2-core machine
+        # (model load + an occlusion warm-up that imports MONAI in the child).
+        "worker_proc_alive_timeout": WORKER_PROC_ALIVE_TIMEOUT_S,
         "task_time_limit": worker.task_time_limit_s,
         "task_soft_time_limit": max(1, worker.task_time_limit_s - 30),
         "worker_hijack_root_logger": False,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -360,10 +360,7 @@ def make_stratified_split(
     """
     if not pool:
         raise DatasetError("empty pool")
-    counts: dict[Stratum, int] = defaultdict(int)
-    for s in pool:
-        counts[stratum_of(s)] += 1
-    targets = stratum_targets(dict(counts), fractions)
+    targets = stratum_targets(Counter(stratum_of(s) for s in pool), fractions)
     remaining = {name: dict(t) for name, t in targets.items()}
     rng = np.random.default_rng(seed)
     groups = _groups(pool)
@@ -391,18 +388,15 @@ def make_stratified_split(
                        and s.label == COVID else 1) for s in pool]
     check_patient_disjoint(samples)
     recipe = replace(PAPER_RECIPE, covid_copies=covid_copies, val_fraction=fractions[1])
-    tv = [s for s in samples if s.split != "test"]
-    te = [s for s in samples if s.split == "test"]
-    recipe = replace(recipe, train_covid=class_counts(tv)[COVID],
-                     train_non_covid=class_counts(tv)[NON_COVID],
-                     test_covid=class_counts(te)[COVID],
-                     test_non_covid=class_counts(te)[NON_COVID])
-    notes = [f"Stratified by source and label: fractions train {fractions[0]:g}, val "
-             f"{fractions[1]:g}, test {fractions[2]:g} of every stratum (not the paper's "
-             f"counts)."]
+    train_val = class_counts([s for s in samples if s.split != "test"])
+    test = class_counts([s for s in samples if s.split == "test"])
+    recipe = replace(recipe, train_covid=train_val[COVID], train_non_covid=train_val[NON_COVID],
+                     test_covid=test[COVID], test_non_covid=test[NON_COVID])
+    placed = Counter((s.split, stratum_of(s)) for s in samples)
+    notes: list[str] = []
     for name in SPLITS:
         for st, want in sorted(targets[name].items()):
-            got = sum(1 for s in samples if s.split == name and stratum_of(s) == st)
+            got = placed[(name, st)]
             if got != want:
                 notes.append(f"{name} {st[0]} {st[1]}: {got} images instead of {want} "
                              f"(whole patients cannot be divided)")
@@ -487,9 +481,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetError as exc:
         console.print(f"[bold red]cxr-split: {exc}")
         return 2
+    if args.fractions is not None:
+        train, val, test = args.fractions
+        console.print(f"Stratified by source and label: fractions train {train:g}, val {val:g}, "
+                      f"test {test:g} of every stratum (not the paper's counts).")
     for note in result.notes:
-        warn = "Stratified" not in note
-        console.print(f"[bold red]WARNING:[/] {note}" if warn else note)
+        console.print(f"[bold red]WARNING:[/] {note}")
     write_manifest(result.samples, args.out)
     table = Table(title=f"split written to {args.out} (seed {args.seed})")
     for col in ("split", "source", "COVID", "non-COVID", "COVID training copies"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -240,6 +241,17 @@ def _read_scores(path: Path) -> dict[str, float]:
         return {row["path"]: float(row["covid_probability"]) for row in csv.DictReader(handle)}
 
 
+def _strict_json(value: Any) -> Any:
+    """Replace NaN (an AUC or interval that could not be computed) by None: strict JSON."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr-probe", description=__doc__.splitlines()[0])
     p.add_argument("--split", type=Path, required=True, help="split CSV (cxr-split)")
@@ -282,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     result.update({"crop": args.crop, "layers": list(layers)})
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "probe.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(_strict_json(result), indent=2, allow_nan=False)
+    (args.out / "probe.json").write_text(text + "\n", encoding="utf-8")
     for key, title in (("test", "test split"), ("pool_cv", "whole pool, grouped CV")):
         f = SourceAucs.from_dict(result[key])
         console.print(f"{title}: {f.describe()}")

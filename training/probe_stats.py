@@ -120,8 +120,11 @@ class SourceAucs:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else x  # strict JSON has no NaN
+
         def one(v: tuple[float, tuple[float, float]]) -> dict[str, Any]:
-            return {"auc": v[0], "ci": list(v[1])}
+            return {"auc": num(v[0]), "ci": [num(v[1][0]), num(v[1][1])]}
 
         return {"overall": one(self.overall),
                 "within": {k: one(v) for k, v in self.within.items()},
@@ -131,8 +134,11 @@ class SourceAucs:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SourceAucs:
         """Inverse of :meth:`as_dict`."""
+        def num(x: float | None) -> float:
+            return math.nan if x is None else float(x)
+
         def one(v: dict[str, Any]) -> tuple[float, tuple[float, float]]:
-            return float(v["auc"]), (float(v["ci"][0]), float(v["ci"][1]))
+            return num(v["auc"]), (num(v["ci"][0]), num(v["ci"][1]))
 
         return cls(overall=one(data["overall"]),
                    within={k: one(v) for k, v in data["within"].items()},

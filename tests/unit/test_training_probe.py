@@ -145,3 +145,12 @@ def test_cli_end_to_end_on_real_images(shared_data_dir: Path, tmp_path: Path) ->
     scores.write_text("path,covid_probability\n" + f"{test_rows[0].path},0.5\n")
     assert probe_main([*args, "--out", str(tmp_path / "out2"), "--compare", str(scores)]) == 2
     assert not (tmp_path / "out2" / "probe.json").exists()
+
+
+def test_figures_without_intervals_are_strict_json() -> None:
+    scores, labels, sources = _toy()
+    f = source_aucs(scores, labels, sources, n_bootstrap=0)
+    text = json.dumps(f.as_dict(), allow_nan=False)
+    assert json.loads(text)["overall"]["ci"] == [None, None]
+    again = type(f).from_dict(json.loads(text))
+    assert again.overall[0] == f.overall[0] and np.isnan(again.overall[1][0])

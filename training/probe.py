@@ -29,13 +29,14 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cxr_pipeline.model_card import PreprocessingSpec
+from cxr_pipeline.model_card import ModelCard, PreprocessingSpec
 from training.datasets import DatasetError, Sample, load_image, read_manifest, resolve
 from training.probe_stats import (
     SourceAucs,
@@ -55,9 +56,26 @@ DEFAULT_C = (0.01, 0.03, 0.1, 0.3)
 
 
 def probe_spec(crop: int = 224) -> PreprocessingSpec:
-    """Return the default model's preprocessing at a given crop (resize keeps 256:224)."""
-    return PreprocessingSpec(resize=round(crop * 256 / 224), crop=crop, mean=(0.5,) * 3,
-                             std=(0.5,) * 3, intensity="rank", rank_clip=0.08)
+    """Return the packaged default model's preprocessing, scaled to a given crop.
+
+    Read from the default's card (``default.card.json``), so the probe sees what the
+    default model sees; the resize keeps the card's resize:crop ratio (256:224).
+
+    Raises
+    ------
+    CheckpointError
+        The packaged card is missing or invalid.
+    """
+    from cxr_pipeline.errors import CheckpointError
+    from cxr_pipeline.models import default_checkpoint_path
+
+    path = default_checkpoint_path().with_suffix(".card.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the default model card {path}: {exc}") from exc
+    spec = ModelCard.from_dict(data).preprocessing
+    return replace(spec, crop=crop, resize=round(spec.resize * crop / spec.crop))
 
 
 def extract_features(samples: Sequence[Sample], data_dir: Path, *,

@@ -11,6 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import KFold
 
+from cxr_pipeline.models import default_checkpoint_path
 from training.datasets import COVID, NON_COVID, Sample, read_manifest, with_split, write_manifest
 from training.probe import extract_features, probe_spec
 from training.probe import main as probe_main
@@ -154,3 +155,12 @@ def test_figures_without_intervals_are_strict_json() -> None:
     assert json.loads(text)["overall"]["ci"] == [None, None]
     again = type(f).from_dict(json.loads(text))
     assert again.overall[0] == f.overall[0] and np.isnan(again.overall[1][0])
+
+
+def test_probe_spec_is_the_packaged_default_models_preprocessing() -> None:
+    from cxr_pipeline.models import load_checkpoint
+
+    _, card = load_checkpoint(default_checkpoint_path())
+    assert probe_spec(card.preprocessing.crop) == card.preprocessing
+    wider = probe_spec(320)
+    assert (wider.crop, wider.resize) == (320, round(320 * 256 / 224))

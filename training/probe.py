@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -259,17 +258,6 @@ def _read_scores(path: Path) -> dict[str, float]:
         return {row["path"]: float(row["covid_probability"]) for row in csv.DictReader(handle)}
 
 
-def _strict_json(value: Any) -> Any:
-    """Replace NaN (an AUC or interval that could not be computed) by None: strict JSON."""
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict_json(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr-probe", description=__doc__.splitlines()[0])
     p.add_argument("--split", type=Path, required=True, help="split CSV (cxr-split)")
@@ -312,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     result.update({"crop": args.crop, "layers": list(layers)})
     args.out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_strict_json(result), indent=2, allow_nan=False)
+    text = json.dumps(result, indent=2, allow_nan=False)  # NaN is None already
     (args.out / "probe.json").write_text(text + "\n", encoding="utf-8")
     for key, title in (("test", "test split"), ("pool_cv", "whole pool, grouped CV")):
         f = SourceAucs.from_dict(result[key])
@@ -320,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "compare" in result:
         d = result["compare"]["probe_minus_other"]
         console.print("probe - other, paired: " + "; ".join(
-            f"{k} {v['median']:+.3f} ({v['ci'][0]:+.3f} to {v['ci'][1]:+.3f})"
+            f"{k} {v['difference']:+.3f}" + ("" if v["ci"][0] is None else
+                                             f" ({v['ci'][0]:+.3f} to {v['ci'][1]:+.3f})")
             for k, v in d.items()))
     return 0
 

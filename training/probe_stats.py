@@ -28,6 +28,14 @@ Views = tuple[np.ndarray, np.ndarray]
 _NAN_CI = (math.nan, math.nan)
 
 
+def json_number(value: float) -> float | None:
+    """``value``, or None where it is NaN (a figure that could not be computed).
+
+    Strict JSON has no NaN; every JSON-ready dict of this module goes through here.
+    """
+    return None if math.isnan(value) else value
+
+
 def fit_probe(features: Views, labels: np.ndarray, *, c: float) -> Pipeline:
     """Fit the probe on both views (each image counts twice, once per view).
 
@@ -120,11 +128,9 @@ class SourceAucs:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
-        def num(x: float) -> float | None:
-            return None if math.isnan(x) else x  # strict JSON has no NaN
-
         def one(v: tuple[float, tuple[float, float]]) -> dict[str, Any]:
-            return {"auc": num(v[0]), "ci": [num(v[1][0]), num(v[1][1])]}
+            return {"auc": json_number(v[0]),
+                    "ci": [json_number(v[1][0]), json_number(v[1][1])]}
 
         return {"overall": one(self.overall),
                 "within": {k: one(v) for k, v in self.within.items()},
@@ -202,12 +208,15 @@ def paired_differences(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.nd
     -------
     dict
         ``{"overall": {...}, "within <source>": {...}, ...}``, each with the observed
-        ``difference``, the bootstrap ``median`` and the 95% percentile ``ci``.
+        ``difference``, the bootstrap ``median`` and the 95% percentile ``ci`` (None where
+        no resample held both classes). A group of rows with one class only (no
+        single-class source, say) has no entry.
     """
     within, single = _masks(labels, sources)
-    masks = {"overall": np.ones(len(labels), dtype=bool),
-             **{f"within {k}": m for k, m in within.items()},
-             "against single-class sources": single}
+    candidates = {"overall": np.ones(len(labels), dtype=bool),
+                  **{f"within {k}": m for k, m in within.items()},
+                  "against single-class sources": single}
+    masks = {k: m for k, m in candidates.items() if len(set(labels[m].tolist())) == 2}
     patients = np.unique(groups)
     rows_of = {p: np.flatnonzero(groups == p) for p in patients}
     rng = np.random.default_rng(seed)
@@ -224,6 +233,6 @@ def paired_differences(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.nd
         observed = (float(roc_auc_score(labels[mask], scores_a[mask])
                           - roc_auc_score(labels[mask], scores_b[mask])))
         d = np.array(draws[key]) if draws[key] else np.array([math.nan])
-        out[key] = {"difference": observed, "median": float(np.median(d)),
-                    "ci": [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))]}
+        out[key] = {"difference": observed, "median": json_number(float(np.median(d))),
+                    "ci": [json_number(float(np.quantile(d, q))) for q in (0.025, 0.975)]}
     return out

@@ -164,3 +164,13 @@ def test_probe_spec_is_the_packaged_default_models_preprocessing() -> None:
     assert probe_spec(card.preprocessing.crop) == card.preprocessing
     wider = probe_spec(320)
     assert (wider.crop, wider.resize) == (320, round(320 * 256 / 224))
+
+
+def test_paired_difference_without_a_single_class_source_has_no_such_entry() -> None:
+    scores, labels, sources = _toy()
+    only = sources == "ieee"  # one source holding both classes, nothing else
+    groups = np.array([f"p{i}" for i in range(int(only.sum()))])
+    d = paired_differences(scores[only] + labels[only], scores[only], labels[only], groups,
+                           sources[only], n_bootstrap=50)
+    assert set(d) == {"overall", "within ieee"}
+    assert json.loads(json.dumps(d, allow_nan=False)) == d

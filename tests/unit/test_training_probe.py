@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import KFold
 
 from cxr_pipeline.models import default_checkpoint_path
+from tests.support.pool import one_image_per_patient
 from training.datasets import COVID, NON_COVID, Sample, read_manifest, with_split, write_manifest
 from training.probe import extract_features, probe_spec
 from training.probe import main as probe_main
@@ -85,16 +86,9 @@ def test_paired_difference_of_a_model_with_itself_is_zero_and_a_better_one_wins(
 
 def _real_rows(shared_data_dir: Path) -> list[Sample]:
     """One image per patient: 8 ieee8023 COVID, 6 ieee8023 other, 8 NIH."""
-    pool = read_manifest(shared_data_dir / "manifest.csv")
-    seen: set[str] = set()
-    picked: list[Sample] = []
-    for label, source, n in ((COVID, "ieee", 8), (NON_COVID, "ieee", 6),
-                             (NON_COVID, "NIH", 8)):
-        for s in pool:
-            if n and s.label == label and source in s.source and s.patient_id not in seen:
-                picked.append(s)
-                seen.add(s.patient_id)
-                n -= 1
+    picked = one_image_per_patient(read_manifest(shared_data_dir / "manifest.csv"),
+                                   ((COVID, "ieee", 8), (NON_COVID, "ieee", 6),
+                                    (NON_COVID, "NIH", 8)))
     # every other image of each stratum to test, the rest to train
     return [with_split([s], "test" if i % 2 else "train")[0] for i, s in enumerate(picked)]
 

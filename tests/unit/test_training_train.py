@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.support.pool import one_image_per_patient
 from training.datasets import COVID, NON_COVID, read_manifest, write_manifest
 from training.evaluate import evaluate_scores
 from training.evaluate import main as eval_main
@@ -27,16 +28,9 @@ TINY = TrainConfig(architecture="squeezenet1_1", weights=None, epochs=2, batch_s
 @pytest.fixture(scope="module")
 def tiny_split(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 24 real images (one per patient), split patient-disjointly."""
-    pool = read_manifest(shared_data_dir / "manifest.csv")
-    seen: set[str] = set()
-    picked = []
-    for label, source, n in ((COVID, "ieee", 10), (NON_COVID, "ieee", 5),
-                             (NON_COVID, "NIH", 9)):
-        for s in pool:
-            if n and s.label == label and source in s.source and s.patient_id not in seen:
-                picked.append(s)
-                seen.add(s.patient_id)
-                n -= 1
+    picked = one_image_per_patient(read_manifest(shared_data_dir / "manifest.csv"),
+                                   ((COVID, "ieee", 10), (NON_COVID, "ieee", 5),
+                                    (NON_COVID, "NIH", 9)))
     recipe = SplitRecipe(train_covid=6, train_non_covid=8, test_covid=4, test_non_covid=6,
                          covid_copies=2, val_fraction=0.34)
     result = make_split(picked, recipe, seed=0, scale=False)

@@ -50,6 +50,9 @@ DEFAULT_LAYERS = ("10", "14", "15", "head")
 """Blocks 10 (112 channels, stride 16), 14 and 15 (192 and 320, stride 32) and the head
 activation (1280): texture-level and object-level features."""
 
+PROBE_SPLITS = ("train", "val", "test")
+"""Split rows the probe uses (``unused`` rows of a split are left out)."""
+
 DEFAULT_C = (0.01, 0.03, 0.1, 0.3)
 """Inverse regularisation strengths tried when choosing on train + validation."""
 
@@ -212,7 +215,7 @@ def run_probe(samples: Sequence[Sample], features: tuple[np.ndarray, np.ndarray]
     DatasetError
         No test rows, or a compared model lacks scores for some test images.
     """
-    keep = np.array([s.split in ("train", "val", "test") for s in samples])
+    keep = np.array([s.split in PROBE_SPLITS for s in samples])
     rows = [s for s, k in zip(samples, keep, strict=True) if k]
     feats = (features[0][keep], features[1][keep])
     labels, groups, sources = _arrays(rows)
@@ -286,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        samples = read_manifest(args.split)
+        # Only the rows run_probe uses are read and passed through the backbone.
+        samples = [s for s in read_manifest(args.split) if s.split in PROBE_SPLITS]
         layers = tuple(n.strip() for n in args.layers.split(",") if n.strip())
         compare = _read_scores(args.compare) if args.compare else None
         with Progress(console=console) as bar:

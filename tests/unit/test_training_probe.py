@@ -123,7 +123,9 @@ def test_real_features_are_the_backbone_output_and_its_flip(shared_data_dir: Pat
 def test_cli_end_to_end_on_real_images(shared_data_dir: Path, tmp_path: Path) -> None:
     rows = _real_rows(shared_data_dir)
     split = tmp_path / "split.csv"
-    write_manifest(rows, split)
+    # an unused row is never read (its file does not exist)
+    unused = with_split([Sample("images/missing.png", NON_COVID, "nih-x", "NIH")], "unused")
+    write_manifest([*rows, *unused], split)
     test_rows = [s for s in rows if s.split == "test"]
     scores = tmp_path / "scores.csv"
     scores.write_text("path,covid_probability\n" + "".join(

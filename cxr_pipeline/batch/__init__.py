@@ -11,6 +11,7 @@ the report can be used without loading torch.
 FORK_SERVER_PRELOAD: tuple[str, ...] = (
     "__main__",
     "cxr_pipeline.batch.decode",
+    "cxr_pipeline.batch.handoff",
     "cxr_pipeline.batch.runner",
 )
 """Modules the decode processes' fork server imports once, so each decode process starts

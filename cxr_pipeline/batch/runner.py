@@ -27,9 +27,9 @@ from cxr_pipeline.batch import FORK_SERVER_PRELOAD
 from cxr_pipeline.batch.decode import (
     Decoded,
     DecodeJob,
-    decode_file,
     init_decode_process,
 )
+from cxr_pipeline.batch.handoff import Handoff, decode_to_shared_memory, take
 from cxr_pipeline.batch.report import ReportWriter, Row, Status, Summary
 from cxr_pipeline.batch.walker import FileKind, InputFile, walk
 from cxr_pipeline.encode.secondary_capture import build_secondary_capture
@@ -348,12 +348,12 @@ def _process(run: _Run, todo: list[InputFile], executor: ProcessPoolExecutor) ->
     attempts: dict[InputFile, int] = {}
     ready: list[Decoded] = []
     start = time.perf_counter()
-    pending: dict[Future[Decoded], InputFile] = {}
+    pending: dict[Future[Handoff], InputFile] = {}
     try:
         while queue or pending or ready:
             while queue and len(pending) < in_flight:
                 item = queue.pop()
-                pending[executor.submit(decode_file, job(item))] = item
+                pending[executor.submit(decode_to_shared_memory, job(item))] = item
             if pending:
                 # Block only when the model has nothing to do; otherwise just collect.
                 block = len(ready) < batch_size
@@ -362,7 +362,7 @@ def _process(run: _Run, todo: list[InputFile], executor: ProcessPoolExecutor) ->
                 for future in done:
                     item = pending.pop(future)
                     try:
-                        decoded = future.result()
+                        decoded = take(future.result())
                     except BrokenProcessPool:
                         broken.append(item)
                         continue

@@ -399,6 +399,35 @@ def test_a_killed_decode_process_costs_no_row(
 
 
 
+def test_a_decode_result_crosses_in_shared_memory_behind_an_atomic_message() -> None:
+    # A result sent whole through the executor's pipe can be cut in half by a kill,
+    # which hangs ProcessPoolExecutor; the pipe carries only a handle small enough for
+    # one atomic write, and the block is freed once read.
+    import pickle
+    from multiprocessing.shared_memory import SharedMemory
+
+    from cxr_pipeline.batch.decode import Decoded
+    from cxr_pipeline.batch.handoff import ATOMIC_MESSAGE_BYTES, put, take
+
+    rng = np.random.default_rng(0)
+    decoded = Decoded(
+        item=InputFile(path=Path("/data/a.dcm"), size=1, mtime_ns=2),
+        kind=FileKind.DICOM,
+        tensor=rng.standard_normal((3, 224, 224)).astype(np.float32),
+        pixels=rng.integers(0, 4096, (1024, 1024), dtype=np.uint16),
+        sop_instance_uid="1.2.3",
+    )
+    handoff = put(decoded)
+    # The executor wraps it in a small envelope (work id, no exception): far below.
+    assert len(pickle.dumps(handoff)) < ATOMIC_MESSAGE_BYTES // 8
+    back = take(handoff)
+    assert back.item == decoded.item and back.sop_instance_uid == "1.2.3"
+    assert back.tensor is not None and np.array_equal(back.tensor, decoded.tensor)
+    assert back.pixels is not None and np.array_equal(back.pixels, decoded.pixels)
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(name=handoff.name)
+
+
 def test_decode_processes_start_with_the_runner_already_imported(
     batch_settings: Settings,
 ) -> None:

@@ -18,19 +18,46 @@ after it, never inside, and the executor reports the dead process as a broken po
 which the runner recovers from. The main process copies the bytes out and unlinks the
 block. A block whose handle never arrives (its process died first) is left to
 multiprocessing's resource tracker, which unlinks it when the run's process exits.
+
+Shared memory lives in ``/dev/shm`` (64 MB by default in a Docker container: give
+``cxr-batch`` more with ``--shm-size``). Writing past a full ``/dev/shm`` would kill the
+process with SIGBUS, so :func:`put` checks the room first and, when there is too little,
+hands over a failed result for that file instead (reason and remedy in its detail; the
+file is redone by ``--retry-failed``).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 
 from cxr_pipeline.batch.decode import Decoded, DecodeJob, decode_file
+from cxr_pipeline.batch.report import Status
+from cxr_pipeline.errors import Reason
 
 ATOMIC_MESSAGE_BYTES = 4096
 """POSIX ``PIPE_BUF`` on Linux: a pipe write of at most this many bytes is atomic. A
 pickled :class:`Handoff` with the executor's envelope stays far below it."""
+
+
+SHM_DIR = Path("/dev/shm")
+"""Where POSIX shared memory is backed on Linux."""
+
+SHM_HEADROOM_BYTES = 4 << 20
+"""Room left free in :data:`SHM_DIR` beyond the block itself (other decode processes
+write theirs at the same time)."""
+
+
+def shm_free_bytes() -> int | None:
+    """Return the bytes free in :data:`SHM_DIR`, or None where it cannot be measured."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 @dataclass(frozen=True)
@@ -62,8 +89,26 @@ def put(decoded: Decoded) -> Handoff:
     -------
     Handoff
         The block's name and the pickle's size; the block stays until :func:`take`.
+        Where :data:`SHM_DIR` lacks the room, the block holds the same file's result
+        marked failed, with the reason, instead.
     """
     data = pickle.dumps(decoded, protocol=pickle.HIGHEST_PROTOCOL)
+    free = shm_free_bytes()
+    if free is not None and free < len(data) + SHM_HEADROOM_BYTES:
+        decoded = replace(
+            decoded,
+            tensor=None,
+            header=None,
+            pixels=None,
+            status=Status.FAILED,
+            reason=Reason.INTERNAL.value,
+            detail=(
+                f"no room in {SHM_DIR} to hand the decoded image to the main process "
+                f"({len(data)} bytes needed, {free} free); give it more space (Docker: "
+                "--shm-size) or lower batch.max_in_flight"
+            ),
+        )
+        data = pickle.dumps(decoded, protocol=pickle.HIGHEST_PROTOCOL)
     block = SharedMemory(create=True, size=max(1, len(data)))
     try:
         _view(block)[: len(data)] = data

@@ -428,6 +428,20 @@ def test_a_decode_result_crosses_in_shared_memory_behind_an_atomic_message() -> 
         SharedMemory(name=handoff.name)
 
 
+def test_a_full_dev_shm_fails_that_file_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Writing into a block past a full /dev/shm would kill the decode process (SIGBUS);
+    # the file gets a failed row saying why instead.
+    from cxr_pipeline.batch import handoff
+    from cxr_pipeline.batch.decode import Decoded
+
+    item = InputFile(path=Path("/data/b.dcm"), size=1, mtime_ns=2)
+    tensor = np.zeros((3, 224, 224), np.float32)
+    monkeypatch.setattr(handoff, "shm_free_bytes", lambda: 1 << 20)
+    back = handoff.take(handoff.put(Decoded(item=item, kind=FileKind.DICOM, tensor=tensor)))
+    assert back.item == item and back.tensor is None
+    assert back.status == Status.FAILED and "--shm-size" in back.detail
+
+
 def test_decode_processes_start_with_the_runner_already_imported(
     batch_settings: Settings,
 ) -> None:

@@ -54,11 +54,11 @@ from cxr_pipeline.batch.runner import (  # noqa: E402
     run_batch,
 )
 from cxr_pipeline.batch.walker import InputFile, walk  # noqa: E402
-from cxr_pipeline.inference import Predictor  # noqa: E402
-from cxr_pipeline.ingest import load_picture, load_radiograph  # noqa: E402
-from cxr_pipeline.model_card import ModelCard  # noqa: E402
-from cxr_pipeline.models import build_model  # noqa: E402
-from cxr_pipeline.preprocess import preprocess  # noqa: E402
+from cxr_pipeline.dicom.ingest import load_picture, load_radiograph  # noqa: E402
+from cxr_pipeline.model.architectures import build_model  # noqa: E402
+from cxr_pipeline.model.card import ModelCard  # noqa: E402
+from cxr_pipeline.model.inference import Predictor  # noqa: E402
+from cxr_pipeline.model.preprocess import preprocess  # noqa: E402
 from cxr_pipeline.settings import Settings, load_settings  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Ingest speed per transfer syntax: read + header checks + decode + Modality/VOI + polarity.
 
-For each input and transfer syntax, times :func:`cxr_pipeline.ingest.load_radiograph` on
+For each input and transfer syntax, times :func:`cxr_pipeline.dicom.ingest.load_radiograph` on
 the encoded bytes held in memory (so disk speed does not count), at full resolution and
 with ``max_side`` (default 512, the fast path for inference), and prints the medians and
 their ratio in one table, all measured in the same run.
@@ -42,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # a script run from anywhere; tests never do this
     sys.path.insert(0, str(REPO_ROOT))
 
-from cxr_pipeline.ingest import load_radiograph  # noqa: E402
+from cxr_pipeline.dicom.ingest import load_radiograph  # noqa: E402
 from cxr_pipeline.settings import IngestSettings  # noqa: E402
 from tests.support.dicom_factory import (  # noqa: E402
     ALL_TRANSFER_SYNTAXES,

@@ -36,11 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # a script run from anywhere; the tests never do this
     sys.path.insert(0, str(REPO))
 
-from cxr_pipeline.explain import gradcam, occlusion  # noqa: E402
-from cxr_pipeline.inference import Predictor  # noqa: E402
-from cxr_pipeline.model_card import ModelCard  # noqa: E402
-from cxr_pipeline.models import ARCHITECTURES, build_model  # noqa: E402
-from cxr_pipeline.preprocess import preprocess  # noqa: E402
+from cxr_pipeline.explain.gradcam import gradcam  # noqa: E402
+from cxr_pipeline.explain.occlusion import occlusion  # noqa: E402
+from cxr_pipeline.model.architectures import ARCHITECTURES, build_model  # noqa: E402
+from cxr_pipeline.model.card import ModelCard  # noqa: E402
+from cxr_pipeline.model.inference import Predictor  # noqa: E402
+from cxr_pipeline.model.preprocess import preprocess  # noqa: E402
 
 
 def _median_s(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -65,7 +66,7 @@ def _real_image() -> np.ndarray:
     data = Path(os.environ.get("CXR_DATASET_DIR", REPO.parent / "shared" / "data" / "cxr"))
     pngs = sorted((data / "images" / "nih").glob("*.png"))
     if pngs:
-        from cxr_pipeline.ingest import load_picture
+        from cxr_pipeline.dicom.ingest import load_picture
 
         return load_picture(pngs[0])
     print(f"(no NIH PNG under {data}: heatmaps timed on a random image)")

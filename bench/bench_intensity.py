@@ -10,7 +10,7 @@ decisions at the card's threshold flip. Pass several checkpoints to compare them
 same files.
 
     PYTHONPATH=. .venv/bin/python bench/bench_intensity.py --images 50 \\
-        --checkpoint cxr_pipeline/models_data/default.pt --checkpoint old.pt
+        --checkpoint cxr_pipeline/model/packaged/default.pt --checkpoint old.pt
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # a script run from anywhere; tests never do this
     sys.path.insert(0, str(REPO_ROOT))
 
-from cxr_pipeline.inference import Predictor  # noqa: E402
-from cxr_pipeline.ingest import load_picture  # noqa: E402
-from cxr_pipeline.models import default_checkpoint_path  # noqa: E402
+from cxr_pipeline.dicom.ingest import load_picture  # noqa: E402
+from cxr_pipeline.model.architectures import default_checkpoint_path  # noqa: E402
+from cxr_pipeline.model.inference import Predictor  # noqa: E402
 from tests.support.intensity_variants import (  # noqa: E402
     BEYOND_CLIP,
     REFERENCE,
@@ -75,7 +75,7 @@ def main() -> int:
     for path in paths:
         pixels = load_picture(path)
         if max(pixels.shape) > args.max_side:
-            from cxr_pipeline.decode import area_downsample
+            from cxr_pipeline.dicom.decode import area_downsample
 
             pixels = area_downsample(pixels, args.max_side)
         variants = ingest_variants(pixels, beyond_clip=True)

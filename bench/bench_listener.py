@@ -84,8 +84,8 @@ def storescu(port: int, files: list[Path], ae: str = "ANY", *, aet: str = "BENCH
 def tiny_checkpoint(folder: Path) -> Path:
     import torch
 
-    from cxr_pipeline.model_card import ModelCard
-    from cxr_pipeline.models import build_model, save_checkpoint
+    from cxr_pipeline.model.architectures import build_model, save_checkpoint
+    from cxr_pipeline.model.card import ModelCard
 
     torch.manual_seed(0)
     model = build_model("squeezenet1_1", weights=None)
@@ -105,7 +105,7 @@ def tiny_checkpoint(folder: Path) -> Path:
 def pick_checkpoint(arg: Path | None, folder: Path) -> Path:
     if arg is not None:
         return arg
-    from cxr_pipeline.models import default_checkpoint_path
+    from cxr_pipeline.model.architectures import default_checkpoint_path
 
     default = default_checkpoint_path()
     return default if default.is_file() else tiny_checkpoint(folder)

@@ -45,8 +45,8 @@ def _pngs() -> list[Path]:
 def _checkpoint(folder: Path) -> Path:
     import torch
 
-    from cxr_pipeline.model_card import ModelCard
-    from cxr_pipeline.models import build_model, save_checkpoint
+    from cxr_pipeline.model.architectures import build_model, save_checkpoint
+    from cxr_pipeline.model.card import ModelCard
 
     torch.manual_seed(0)
     card = ModelCard(

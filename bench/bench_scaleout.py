@@ -37,7 +37,7 @@ from pathlib import Path
 import redis
 
 from bench.bench_load import _checkpoint, _pngs
-from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.service.ledger import JobState, Ledger
 from tests.reliability.harness import (
     Pacs,
     chest_datasets,

@@ -16,11 +16,11 @@ from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 
+from cxr_pipeline.dicom.ingest import Radiograph, load_radiograph
 from cxr_pipeline.encode.secondary_capture import build_secondary_capture
 from cxr_pipeline.encode.structured_report import build_structured_report
-from cxr_pipeline.explain import heatmap_for_image
-from cxr_pipeline.inference import Predictor
-from cxr_pipeline.ingest import Radiograph, load_radiograph
+from cxr_pipeline.explain.heatmap import heatmap_for_image
+from cxr_pipeline.model.inference import Predictor
 from cxr_pipeline.results import Analysis, Finding
 from cxr_pipeline.settings import Settings
 
@@ -87,7 +87,7 @@ def analyse_radiograph(
     Parameters
     ----------
     image
-        Output of :func:`cxr_pipeline.ingest.load_radiograph`.
+        Output of :func:`cxr_pipeline.dicom.ingest.load_radiograph`.
     engine
         Loaded model and settings.
     timings

@@ -151,7 +151,7 @@ class TlsSettings(_Section):
 
 
 class PeerTlsSettings(_Section):
-    """DICOM TLS towards one peer (we are the TLS client): see :mod:`cxr_pipeline.tls`."""
+    """DICOM TLS towards one peer (we are the TLS client): see :mod:`cxr_pipeline.service.tls`."""
 
     enabled: bool = False
     ca_certificates: Path | None = None
@@ -301,7 +301,10 @@ class SendSettings(_Section):
 
 
 class AuditSettings(_Section):
-    """The audit trail: DICOM PS3.15 A.5 audit messages (IHE ATNA); :mod:`cxr_pipeline.audit`."""
+    """The audit trail: DICOM PS3.15 A.5 audit messages (IHE ATNA).
+
+    Written by :mod:`cxr_pipeline.service.audit`.
+    """
 
     enabled: bool = True
     file: Path | None = None

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
-from cxr_pipeline import metrics
-from cxr_pipeline.codes import DimseStatus
+from cxr_pipeline.dicom.codes import DimseStatus
+from cxr_pipeline.dicom.ingest import check_chest_radiograph
 from cxr_pipeline.errors import InvalidUid, RejectedInput
-from cxr_pipeline.ingest import check_chest_radiograph
-from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.service import metrics
+from cxr_pipeline.service.ledger import JobState, Ledger
+from cxr_pipeline.service.spool import Spool, validate_uid
 from cxr_pipeline.settings import Settings
-from cxr_pipeline.spool import Spool, validate_uid
 from workers.queue import JobQueue
 
 log = logging.getLogger(__name__)

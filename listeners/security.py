@@ -14,7 +14,7 @@
   characters, PS3.5 6.2) makes pynetdicom abort the association before any handler runs;
   the guard decodes it first, so the abort comes with a log line and a Security Alert
   saying why (nothing reaches the spool or the ledger).
-- TLS errors of incoming connections (from :func:`cxr_pipeline.tls.server_context`):
+- TLS errors of incoming connections (from :func:`cxr_pipeline.service.tls.server_context`):
   Security Alert (Node Authentication) with the peer's address.
 """
 
@@ -31,12 +31,12 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.events import Event
 
-from cxr_pipeline import codes
-from cxr_pipeline.audit import AuditTrail, Participant, StudyTransfer
-from cxr_pipeline.codes import AuditAction, AuditOutcome, DimseStatus
-from cxr_pipeline.ledger import Ledger
+from cxr_pipeline.dicom import codes
+from cxr_pipeline.dicom.codes import AuditAction, AuditOutcome, DimseStatus
+from cxr_pipeline.service.audit import AuditTrail, Participant, StudyTransfer
+from cxr_pipeline.service.ledger import Ledger
+from cxr_pipeline.service.tls import describe_tls_error
 from cxr_pipeline.settings import Settings
-from cxr_pipeline.tls import describe_tls_error
 
 log = logging.getLogger(__name__)
 

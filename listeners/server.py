@@ -161,7 +161,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         sock: socket.socket = guarded
         if self.ssl_context:
             # Our contexts defer the handshake to the association's thread
-            # (cxr_pipeline.tls) and check PDU lengths on the decrypted bytes.
+            # (cxr_pipeline.service.tls) and check PDU lengths on the decrypted bytes.
             sock = self.ssl_context.wrap_socket(guarded, server_side=True)
         return sock, address
 

@@ -23,7 +23,7 @@ from rich.live import Live
 from rich.table import Table
 
 from cxr_pipeline.errors import CxrError
-from cxr_pipeline.ledger import JobRecord, JobState, Ledger
+from cxr_pipeline.service.ledger import JobRecord, JobState, Ledger
 from cxr_pipeline.settings import Settings, load_settings
 from workers.queue import ledger_path
 

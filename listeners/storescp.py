@@ -23,20 +23,20 @@ from typing import Any
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from cxr_pipeline.audit import trail_for
-from cxr_pipeline.codes import (
+from cxr_pipeline.dicom.codes import (
     ANALYSABLE_SOP_CLASSES,
     COMPRESSED_TRANSFER_SYNTAXES,
     UNCOMPRESSED_TRANSFER_SYNTAXES,
     SopClass,
 )
 from cxr_pipeline.errors import CxrError
-from cxr_pipeline.ledger import Ledger
 from cxr_pipeline.logs import configure_logging
-from cxr_pipeline.metrics import LedgerCollector, MetricsServer, start_metrics_server
-from cxr_pipeline.send import describe_routing
+from cxr_pipeline.service.audit import trail_for
+from cxr_pipeline.service.ledger import Ledger
+from cxr_pipeline.service.metrics import LedgerCollector, MetricsServer, start_metrics_server
+from cxr_pipeline.service.send import describe_routing
+from cxr_pipeline.service.spool import Spool
 from cxr_pipeline.settings import Settings, load_settings, parse_destination
-from cxr_pipeline.spool import Spool
 from listeners.handlers import StoreHandler, handle_echo
 from listeners.security import EdgeGuard
 from listeners.server import pdu_inspector, start_guarded_server

@@ -1,4 +1,4 @@
-"""TLS for DICOM associations: the contexts are built in :mod:`cxr_pipeline.tls`.
+"""TLS for DICOM associations: the contexts are built in :mod:`cxr_pipeline.service.tls`.
 
 Kept so ``listeners.tls`` imports keep working; the listener and the result sender share
 one implementation there.
@@ -6,6 +6,11 @@ one implementation there.
 
 from __future__ import annotations
 
-from cxr_pipeline.tls import client_context, describe_tls_error, peer_context, server_context
+from cxr_pipeline.service.tls import (
+    client_context,
+    describe_tls_error,
+    peer_context,
+    server_context,
+)
 
 __all__ = ["client_context", "describe_tls_error", "peer_context", "server_context"]

@@ -73,8 +73,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     import torch
 
-    from cxr_pipeline.model_card import ModelCard
-    from cxr_pipeline.models import build_model, save_checkpoint
+    from cxr_pipeline.model.architectures import build_model, save_checkpoint
+    from cxr_pipeline.model.card import ModelCard
 
     torch.manual_seed(0)
     model = build_model("squeezenet1_1", weights=None)

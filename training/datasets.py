@@ -226,7 +226,7 @@ def scan_covid_xray_5k(root: Path | str, *, source: str = "covid-xray-5k") -> li
 def load_image(path: Path | str) -> np.ndarray:
     """Read a picture as float32 (rows, cols) in [0, 1], as the pipeline does.
 
-    Uses :func:`cxr_pipeline.ingest.load_picture` (PIL for PNG/JPEG, SimpleITK for ITK
+    Uses :func:`cxr_pipeline.dicom.ingest.load_picture` (PIL for PNG/JPEG, SimpleITK for ITK
     formats) where it is installed, else PIL with the same semantics.
 
     Raises
@@ -238,7 +238,7 @@ def load_image(path: Path | str) -> np.ndarray:
 
     reader: Callable[[Path | str], np.ndarray]
     try:
-        reader = importlib.import_module("cxr_pipeline.ingest").load_picture
+        reader = importlib.import_module("cxr_pipeline.dicom.ingest").load_picture
     except (ImportError, AttributeError):  # ingest stage absent: PIL, same semantics
         reader = _load_picture_pil
     try:

@@ -1,7 +1,7 @@
 """``cxr-eval``: test-set evaluation in the paper's form.
 
 For every test image the COVID probability is computed through the deployed inference
-path (:class:`cxr_pipeline.inference.Predictor`: the same preprocessing and softmax the
+path (:class:`cxr_pipeline.model.inference.Predictor`: the same preprocessing and softmax the
 pipeline uses). Reported: sensitivity and specificity at the paper's cut-offs and at the
 model's own threshold with the paper's rule (``p >= cut-off`` is COVID) and 95% exact
 (Clopper-Pearson) intervals; ROC AUC with a stratified bootstrap interval; PR curve and
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_pipeline.inference import Predictor
+from cxr_pipeline.model.inference import Predictor
 from training.datasets import DatasetError, Sample, load_image, read_manifest, resolve
 from training.metrics import (
     PAPER_CUTOFFS,
@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.progress import Progress
 
     from cxr_pipeline.errors import CxrError
-    from cxr_pipeline.models import default_checkpoint_path, save_checkpoint
+    from cxr_pipeline.model.architectures import default_checkpoint_path, save_checkpoint
 
     args = _parser().parse_args(argv)
     console = Console(stderr=True)

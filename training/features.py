@@ -18,7 +18,7 @@ from torch import nn
 
 
 def split_backbone_head(model: nn.Module, architecture: str) -> tuple[nn.Module, nn.Module]:
-    """Split a :func:`cxr_pipeline.models.build_model` model into backbone and head.
+    """Split a :func:`cxr_pipeline.model.architectures.build_model` model into backbone and head.
 
     ``head(backbone(x))`` equals ``model(x)``; both parts share the model's parameters
     (nothing is copied), so training the head trains the model.
@@ -74,7 +74,7 @@ def split_for_finetune(model: nn.Module, architecture: str, blocks: int
     Parameters
     ----------
     model
-        An ``efficientnet_lite0`` model from :func:`cxr_pipeline.models.build_model`.
+        An ``efficientnet_lite0`` model from :func:`cxr_pipeline.model.architectures.build_model`.
     architecture
         Its registry key.
     blocks

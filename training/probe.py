@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxr_pipeline.model_card import ModelCard, PreprocessingSpec
+from cxr_pipeline.model.card import ModelCard, PreprocessingSpec
 from training.datasets import DatasetError, Sample, load_image, read_manifest, resolve
 from training.probe_stats import (
     SourceAucs,
@@ -69,7 +69,7 @@ def probe_spec(crop: int = 224) -> PreprocessingSpec:
         The packaged card is missing or invalid.
     """
     from cxr_pipeline.errors import CheckpointError
-    from cxr_pipeline.models import default_checkpoint_path
+    from cxr_pipeline.model.architectures import default_checkpoint_path
 
     path = default_checkpoint_path().with_suffix(".card.json")
     try:
@@ -115,8 +115,8 @@ def extract_features(samples: Sequence[Sample], data_dir: Path, *,
     ValueError
         A layer name is not a block index or ``head``.
     """
-    from cxr_pipeline.models import build_model
-    from cxr_pipeline.preprocess import EvalTransform
+    from cxr_pipeline.model.architectures import build_model
+    from cxr_pipeline.model.preprocess import EvalTransform
 
     net = model if model is not None else build_model("efficientnet_lite0",
                                                       weights="IMAGENET1K")

@@ -55,10 +55,15 @@ import torch
 from pydicom.uid import UID
 from torch import nn
 
-from cxr_pipeline.efficientnet_lite import INPUT_MEAN, INPUT_STD, weights_origin
-from cxr_pipeline.model_card import INTENSITY_STEPS, ModelCard, PreprocessingSpec
-from cxr_pipeline.models import ARCHITECTURES, EFFICIENTNET_LITE0, build_model, save_checkpoint
-from cxr_pipeline.preprocess import build_resized, build_transform
+from cxr_pipeline.model.architectures import (
+    ARCHITECTURES,
+    EFFICIENTNET_LITE0,
+    build_model,
+    save_checkpoint,
+)
+from cxr_pipeline.model.card import INTENSITY_STEPS, ModelCard, PreprocessingSpec
+from cxr_pipeline.model.efficientnet_lite import INPUT_MEAN, INPUT_STD, weights_origin
+from cxr_pipeline.model.preprocess import build_resized
 from training.datasets import (
     COVID,
     LABELS,
@@ -156,7 +161,7 @@ class ImageCache:
 
     The evaluation chain applies its intensity step and resizes the shorter side to
     ``spec.resize`` first; doing those steps here with the very same transforms
-    (:func:`cxr_pipeline.preprocess.build_resized`) and the rest of the chain later
+    (:func:`cxr_pipeline.model.preprocess.build_resized`) and the rest of the chain later
     (``build_transform(..., resized=True)``) gives the same tensor as the full-resolution
     file through the inference path.
     """
@@ -344,6 +349,8 @@ def run_training(
         item_weights = class_source_weights([train[i] for i in items])
         val_weights = class_source_weights(val)
     orders = epoch_orders(targets, cfg.epochs, cfg.balance, cfg.seed)
+    from cxr_pipeline.model.augment import build_transform  # MONAI: imported when training runs
+
     train_tf = build_transform(spec, train=cfg.augment, resized=True)
     eval_tf = build_transform(spec, train=False, resized=True)
     if hasattr(train_tf, "set_random_state"):

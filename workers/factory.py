@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cxr_pipeline.ledger import Ledger
+    from cxr_pipeline.service.ledger import Ledger
+    from cxr_pipeline.service.spool import Spool
     from cxr_pipeline.settings import Settings
-    from cxr_pipeline.spool import Spool
     from workers.queue import JobQueue
 
 

@@ -1,7 +1,7 @@
 """Embedded executor: a thread pool inside the listener process (no broker).
 
 ``cxr-listen`` without ``--broker`` does the whole job in one process: the C-STORE
-handler enqueues a UID, a worker thread runs :func:`cxr_pipeline.jobs.process_job`.
+handler enqueues a UID, a worker thread runs :func:`cxr_pipeline.service.jobs.process_job`.
 The model is loaded once per pool (one :class:`~cxr_pipeline.pipeline.Engine`) and
 shared by the threads; analysis is serialised by a lock because Grad-CAM hooks on a
 shared model are not thread-safe, while sending runs in parallel.
@@ -15,12 +15,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from cxr_pipeline.jobs import JobInterrupted, process_job
-from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.pipeline import Engine
+from cxr_pipeline.service.jobs import JobInterrupted, process_job
+from cxr_pipeline.service.ledger import JobState, Ledger
+from cxr_pipeline.service.spool import Spool
+from cxr_pipeline.service.warmup import warm_up
 from cxr_pipeline.settings import Settings
-from cxr_pipeline.spool import Spool
-from cxr_pipeline.warmup import warm_up
 
 log = logging.getLogger(__name__)
 

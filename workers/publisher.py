@@ -21,9 +21,9 @@ from pathlib import Path
 import redis
 
 from cxr_pipeline.errors import Reason
-from cxr_pipeline.ledger import UNFINISHED_STATES, JobRecord, JobState, Ledger
+from cxr_pipeline.service.ledger import UNFINISHED_STATES, JobRecord, JobState, Ledger
+from cxr_pipeline.service.spool import Spool
 from cxr_pipeline.settings import Settings
-from cxr_pipeline.spool import Spool
 from workers.broker import TASK_ANALYSE, create_app
 from workers.lease import PublishMarks, redis_client
 from workers.queue import ledger_path, spool_root

@@ -30,10 +30,10 @@ from typing import BinaryIO
 
 import redis
 
-from cxr_pipeline.delivery import JobInterrupted, deliver_outbox, outbox_complete
-from cxr_pipeline.ledger import UNFINISHED_STATES, JobState, Ledger
+from cxr_pipeline.service.delivery import JobInterrupted, deliver_outbox, outbox_complete
+from cxr_pipeline.service.ledger import UNFINISHED_STATES, JobState, Ledger
+from cxr_pipeline.service.spool import SUFFIX, Spool, validate_uid, write_durably
 from cxr_pipeline.settings import Settings
-from cxr_pipeline.spool import SUFFIX, Spool, validate_uid, write_durably
 from workers.transfer import (
     Event,
     Outcome,

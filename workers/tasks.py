@@ -38,13 +38,13 @@ import redis
 from celery import Celery, Task, signals
 from pydicom.dataset import Dataset
 
-from cxr_pipeline import metrics
+from cxr_pipeline.dicom.ingest import Radiograph, load_radiograph
 from cxr_pipeline.errors import CxrError, Reason, RejectedInput
-from cxr_pipeline.inference import Predictor
-from cxr_pipeline.ingest import Radiograph, load_radiograph
+from cxr_pipeline.model.inference import Predictor
 from cxr_pipeline.pipeline import Engine, analyse_radiograph
+from cxr_pipeline.service import metrics
+from cxr_pipeline.service.warmup import warm_up
 from cxr_pipeline.settings import Settings
-from cxr_pipeline.warmup import warm_up
 from workers.broker import (
     TASK_ANALYSE,
     Collected,

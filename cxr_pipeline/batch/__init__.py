@@ -5,7 +5,8 @@
 (:mod:`~cxr_pipeline.batch.decode`), classifies in batches and writes one report row per
 file, resumably (:mod:`~cxr_pipeline.batch.report`); :mod:`~cxr_pipeline.batch.cli` is
 the ``cxr-batch`` command. The package itself imports nothing heavy, so the walker and
-the report can be used without loading torch.
+the report can be used without loading torch. The top of the library: may import every
+other subpackage (``service`` for sending results) and the shared modules.
 """
 
 FORK_SERVER_PRELOAD: tuple[str, ...] = (

@@ -1,7 +1,7 @@
 """The decode side of a batch run: what each decode process does with one file.
 
 A decode process reads a file, applies the listener's chest-radiograph policy
-(:func:`cxr_pipeline.ingest.check_chest_radiograph`, inside ``load_radiograph``),
+(:func:`cxr_pipeline.dicom.ingest.check_chest_radiograph`, inside ``load_radiograph``),
 decodes the pixel data (at reduced resolution where the codec allows) and runs the
 model's eval preprocessing, so only a ``(3, crop, crop)`` float32 array crosses back to
 the main process, which runs the model. :func:`decode_file` never raises: every failure
@@ -22,12 +22,12 @@ from pydicom.dataset import Dataset
 
 from cxr_pipeline.batch.report import Status
 from cxr_pipeline.batch.walker import FileKind, InputFile, detect_kind
-from cxr_pipeline.codes import JPEG2000_TRANSFER_SYNTAXES
-from cxr_pipeline.decode import transfer_syntax_of
+from cxr_pipeline.dicom.codes import JPEG2000_TRANSFER_SYNTAXES
+from cxr_pipeline.dicom.decode import transfer_syntax_of
+from cxr_pipeline.dicom.ingest import load_picture, load_radiograph, read_dataset
 from cxr_pipeline.errors import CxrError, NotDicom, Reason
-from cxr_pipeline.ingest import load_picture, load_radiograph, read_dataset
-from cxr_pipeline.model_card import PreprocessingSpec
-from cxr_pipeline.preprocess import preprocess
+from cxr_pipeline.model.card import PreprocessingSpec
+from cxr_pipeline.model.preprocess import preprocess
 from cxr_pipeline.settings import IngestSettings
 
 SKIP_REASONS: frozenset[Reason] = frozenset(

@@ -35,10 +35,10 @@ from cxr_pipeline.batch.walker import FileKind, InputFile, walk
 from cxr_pipeline.encode.secondary_capture import build_secondary_capture
 from cxr_pipeline.encode.structured_report import build_structured_report
 from cxr_pipeline.errors import CxrError, Reason
-from cxr_pipeline.explain import heatmap_for_image
-from cxr_pipeline.inference import Predictor
+from cxr_pipeline.explain.heatmap import heatmap_for_image
+from cxr_pipeline.model.inference import Predictor
 from cxr_pipeline.results import Finding
-from cxr_pipeline.send import send_datasets
+from cxr_pipeline.service.send import send_datasets
 from cxr_pipeline.settings import Destination, Settings
 
 MAX_DECODE_ATTEMPTS = 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from cxr_pipeline.codes import MEDIA_STORAGE_DIRECTORY
+from cxr_pipeline.dicom.codes import MEDIA_STORAGE_DIRECTORY
 from cxr_pipeline.errors import ConfigError
 
 DICOM_PREAMBLE_LENGTH = 128

@@ -1,16 +1,6 @@
-"""DICOM result objects: the TID 1500 SR, the heatmap Secondary Capture, SR read-back.
+"""DICOM out: the TID 1500 SR, the heatmap Secondary Capture, and SR read-back.
 
-Everything is built with highdicom; UIDs come from :mod:`cxr_pipeline.uids`, codes from
-:mod:`cxr_pipeline.codes`.
+Everything is built with highdicom; UIDs come from :mod:`cxr_pipeline.dicom.uids`, codes
+from :mod:`cxr_pipeline.dicom.codes`. May import the shared top-level modules, ``dicom``
+and ``model`` (the card); nothing of ``service`` or ``batch``.
 """
-
-from cxr_pipeline.encode.reading import ReadBack, read_structured_report
-from cxr_pipeline.encode.secondary_capture import build_secondary_capture
-from cxr_pipeline.encode.structured_report import build_structured_report
-
-__all__ = [
-    "ReadBack",
-    "build_secondary_capture",
-    "build_structured_report",
-    "read_structured_report",
-]

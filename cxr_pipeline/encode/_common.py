@@ -12,9 +12,9 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
-from cxr_pipeline.codes import PROCESSING_EQUIPMENT
+from cxr_pipeline.dicom.codes import PROCESSING_EQUIPMENT
 from cxr_pipeline.errors import EncodeError
-from cxr_pipeline.model_card import ModelCard
+from cxr_pipeline.model.card import ModelCard
 from cxr_pipeline.settings import OutputSettings
 
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"

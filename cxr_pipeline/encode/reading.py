@@ -15,7 +15,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from cxr_pipeline.codes import CERTAINTY_OF_FINDING, COVID19, PRESENT, SopClass
+from cxr_pipeline.dicom.codes import CERTAINTY_OF_FINDING, COVID19, PRESENT, SopClass
 from cxr_pipeline.errors import EncodeError
 
 

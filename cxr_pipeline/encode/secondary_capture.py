@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from cxr_pipeline.codes import BODY_PART_CHEST, SOURCE_IMAGE_FOR_PROCESSING
+from cxr_pipeline.dicom.codes import BODY_PART_CHEST, SOURCE_IMAGE_FOR_PROCESSING
+from cxr_pipeline.dicom.uids import ResultUid, instance_uid, series_uid
 from cxr_pipeline.encode._common import (
     NOT_FOR_DIAGNOSTIC_USE,
     evidence_dataset,
@@ -31,10 +32,9 @@ from cxr_pipeline.encode._common import (
     without_person_names,
 )
 from cxr_pipeline.errors import EncodeError
-from cxr_pipeline.model_card import ModelCard
+from cxr_pipeline.model.card import ModelCard
 from cxr_pipeline.results import Finding
 from cxr_pipeline.settings import OutputSettings
-from cxr_pipeline.uids import ResultUid, instance_uid, series_uid
 
 _ORIENTATION = re.compile(r"^[APRLHF]+$")
 _TEXT_COLOUR = (255, 255, 255)

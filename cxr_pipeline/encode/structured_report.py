@@ -41,7 +41,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from cxr_pipeline.codes import (
+from cxr_pipeline.dicom.codes import (
     ABSENT,
     CERTAINTY_OF_FINDING,
     CHEST_XRAY_PROCEDURE,
@@ -54,6 +54,7 @@ from cxr_pipeline.codes import (
     UCUM_PERCENT,
     UCUM_UNITY,
 )
+from cxr_pipeline.dicom.uids import ResultUid, instance_uid, series_uid
 from cxr_pipeline.encode._common import (
     evidence_dataset,
     processing_equipment,
@@ -64,10 +65,9 @@ from cxr_pipeline.encode._common import (
 )
 from cxr_pipeline.encode.region import salient_ellipse
 from cxr_pipeline.errors import EncodeError
-from cxr_pipeline.model_card import ModelCard
+from cxr_pipeline.model.card import ModelCard
 from cxr_pipeline.results import Finding
 from cxr_pipeline.settings import OutputSettings
-from cxr_pipeline.uids import ResultUid, instance_uid, series_uid
 
 TRACKING_IDENTIFIER = "COVID-19 chest radiograph classification"
 """Human-readable Tracking Identifier of the image-level measurement group."""

@@ -4,7 +4,7 @@ The map is what ``monai.visualize.GradCAM`` computes (the class logit's gradient
 target layer, averaged over space, weights the layer's channels; ReLU; bilinear upsampling
 to the input size, ``align_corners=False``), written here with one forward hook and
 ``torch.autograd.grad``, because importing ``monai.visualize`` loads all of MONAI (about 2.5 s
-of the one-image start-up budget, see :mod:`cxr_pipeline.preprocess`).
+of the one-image start-up budget, see :mod:`cxr_pipeline.model.preprocess`).
 ``tests/unit/test_explain.py`` checks the map against MONAI's ``GradCAM`` on the packaged
 model.
 
@@ -28,10 +28,10 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 
 from cxr_pipeline.errors import ModelError
-from cxr_pipeline.inference import structure_copy
+from cxr_pipeline.model.inference import structure_copy
 
 if TYPE_CHECKING:
-    from cxr_pipeline.inference import Predictor
+    from cxr_pipeline.model.inference import Predictor
 
 TARGET_LAYERS: dict[str, str] = {
     "resnet18": "layer4",

@@ -17,7 +17,7 @@ import torch
 from cxr_pipeline.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
-    from cxr_pipeline.inference import Predictor
+    from cxr_pipeline.model.inference import Predictor
 
 
 def _overlap(patch: int, stride: int) -> float:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cxr_pipeline import codes
-from cxr_pipeline.audit import AuditTrail, Participant, read_trail
-from cxr_pipeline.codes import AuditOutcome
+from cxr_pipeline.dicom import codes
+from cxr_pipeline.dicom.codes import AuditOutcome
+from cxr_pipeline.service.audit import AuditTrail, Participant, read_trail
+from cxr_pipeline.service.syslog import MSGID_AUDIT, SEVERITY_WARNING, format_rfc5424
 from cxr_pipeline.settings import load_settings
-from cxr_pipeline.syslog import MSGID_AUDIT, SEVERITY_WARNING, format_rfc5424
 from tests.support.pki import make_pki
 from tests.support.rsyslog import rsyslog_available, running_rsyslog, tls_driver_available
 

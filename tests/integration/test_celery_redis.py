@@ -18,7 +18,7 @@ import pydicom
 import pytest
 import redis
 
-from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.service.ledger import JobState, Ledger
 from cxr_pipeline.settings import Settings, load_settings
 from tests.conftest import testdata as dicom_testdata
 from tests.support.orthanc import orthanc_available, running_orthanc

@@ -24,13 +24,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from cxr_pipeline import codes
-from cxr_pipeline.audit import read_trail
-from cxr_pipeline.codes import DimseStatus
-from cxr_pipeline.ledger import Ledger
+from cxr_pipeline.dicom import codes
+from cxr_pipeline.dicom.codes import DimseStatus
 from cxr_pipeline.pipeline import Engine
+from cxr_pipeline.service.audit import read_trail
+from cxr_pipeline.service.ledger import Ledger
+from cxr_pipeline.service.spool import Spool
 from cxr_pipeline.settings import load_settings
-from cxr_pipeline.spool import Spool
 from listeners.security import refusal_reason
 from listeners.storescp import Service, start_service
 from tests.conftest import testdata
@@ -238,7 +238,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def test_incoming_tls_failures_are_security_alerts(
     engine: Engine, tmp_path: Path, pki: Pki
 ) -> None:
-    from cxr_pipeline.tls import client_context
+    from cxr_pipeline.service.tls import client_context
 
     tls = {"enabled": True, "certificate": str(pki.server.certificate),
            "private_key": str(pki.server.key), "ca_certificates": str(pki.ca),

@@ -16,10 +16,10 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cxr_pipeline.codes import SopClass
-from cxr_pipeline.jobs import KEPT_LOCALLY
-from cxr_pipeline.ledger import JobState, Ledger
-from cxr_pipeline.spool import Spool
+from cxr_pipeline.dicom.codes import SopClass
+from cxr_pipeline.service.jobs import KEPT_LOCALLY
+from cxr_pipeline.service.ledger import JobState, Ledger
+from cxr_pipeline.service.spool import Spool
 from tests.conftest import testdata as data_file
 from tests.support.dicom_network import (
     ListenerProcess,

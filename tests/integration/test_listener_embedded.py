@@ -17,10 +17,10 @@ from typing import Any
 import pydicom
 import pytest
 
-from cxr_pipeline.codes import SopClass
+from cxr_pipeline.dicom.codes import SopClass
 from cxr_pipeline.encode.reading import read_structured_report
-from cxr_pipeline.ledger import JobState, Ledger
-from cxr_pipeline.spool import Spool
+from cxr_pipeline.service.ledger import JobState, Ledger
+from cxr_pipeline.service.spool import Spool
 from tests.conftest import testdata as data_file
 from tests.support.dicom_network import (
     ListenerProcess,

@@ -21,12 +21,12 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from cxr_pipeline.codes import DimseStatus
+from cxr_pipeline.dicom.codes import DimseStatus
 from cxr_pipeline.errors import ConfigError
-from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.pipeline import Engine
+from cxr_pipeline.service.ledger import JobState, Ledger
+from cxr_pipeline.service.spool import Spool
 from cxr_pipeline.settings import Settings, TlsSettings, load_settings
-from cxr_pipeline.spool import Spool
 from listeners.storescp import Service, start_service
 from listeners.tls import client_context, server_context
 from tests.conftest import REPO_ROOT

@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.service.ledger import JobState, Ledger
 from tests.conftest import REPO_ROOT
 from tests.conftest import testdata as dicom_testdata
 from tests.support.dicom_network import wait_until

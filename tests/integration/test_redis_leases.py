@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.service.ledger import JobState, Ledger
 from cxr_pipeline.settings import Settings, load_settings
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401
 from workers import tasks

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.service.ledger import JobState, Ledger
 from cxr_pipeline.settings import Settings, load_settings
 from listeners.status import main as status_main
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401

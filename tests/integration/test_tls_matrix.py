@@ -18,9 +18,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from cxr_pipeline.audit import read_trail
-from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.pipeline import Engine
+from cxr_pipeline.service.audit import read_trail
+from cxr_pipeline.service.ledger import JobState, Ledger
 from cxr_pipeline.settings import load_settings
 from tests.conftest import testdata
 from tests.integration.test_edge_security import listening

@@ -1,8 +1,8 @@
 """Results out over DICOM TLS: real DCMTK ``storescp +tls`` and a real Orthanc with TLS.
 
 A test PKI (CA, other CA, server, expired server, client certificates) is made with the
-``cryptography`` package. Sends go through :func:`cxr_pipeline.send.send_datasets` and the
-job path (:func:`cxr_pipeline.jobs.process_job`, which ``cxr-listen`` workers run), so
+``cryptography`` package. Sends go through :func:`cxr_pipeline.service.send.send_datasets` and the
+job path (:func:`cxr_pipeline.service.jobs.process_job`, which ``cxr-listen`` workers run), so
 a TLS failure must leave a ``failed`` ledger row whose reason says why, and a Security
 Alert in the audit trail.
 """
@@ -20,13 +20,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from cxr_pipeline import codes
-from cxr_pipeline.audit import AuditTrail, read_trail
+from cxr_pipeline.dicom import codes
 from cxr_pipeline.errors import SendError
-from cxr_pipeline.jobs import process_job
-from cxr_pipeline.ledger import JobState, Ledger
 from cxr_pipeline.pipeline import Engine
-from cxr_pipeline.send import configured_peer, send_datasets
+from cxr_pipeline.service.audit import AuditTrail, read_trail
+from cxr_pipeline.service.jobs import process_job
+from cxr_pipeline.service.ledger import JobState, Ledger
+from cxr_pipeline.service.send import configured_peer, send_datasets
+from cxr_pipeline.service.spool import Spool
 from cxr_pipeline.settings import (
     Destination,
     PeerTlsSettings,
@@ -34,7 +35,6 @@ from cxr_pipeline.settings import (
     load_settings,
     parse_destination,
 )
-from cxr_pipeline.spool import Spool
 from tests.conftest import testdata
 from tests.support.orthanc import (
     free_port,

@@ -17,7 +17,7 @@ from pydicom import dcmread
 
 from cxr_pipeline.encode.secondary_capture import build_secondary_capture
 from cxr_pipeline.encode.structured_report import build_structured_report
-from cxr_pipeline.model_card import ModelCard
+from cxr_pipeline.model.card import ModelCard
 from cxr_pipeline.results import Finding
 from cxr_pipeline.settings import OutputSettings
 from tests.support.orthanc import free_port

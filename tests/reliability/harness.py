@@ -40,8 +40,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode as encode_body
 
-from cxr_pipeline.codes import DimseStatus
-from cxr_pipeline.ledger import JobRecord, JobState, Ledger
+from cxr_pipeline.dicom.codes import DimseStatus
+from cxr_pipeline.service.ledger import JobRecord, JobState, Ledger
 from tests.support.dicom_factory import load_png, make_dicom
 from tests.support.orthanc import free_port, orthanc_config
 from tests.support.services import REPO_ROOT, Service, clean_env, write_config

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxr_pipeline.codes import DimseStatus
-from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.dicom.codes import DimseStatus
+from cxr_pipeline.service.ledger import JobState, Ledger
 from tests.reliability.harness import (
     Pacs,
     Tally,

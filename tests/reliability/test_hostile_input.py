@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pynetdicom.association import Association
 
-from cxr_pipeline.codes import DimseStatus
-from cxr_pipeline.ledger import JobState, Ledger
-from cxr_pipeline.spool import validate_uid
+from cxr_pipeline.dicom.codes import DimseStatus
+from cxr_pipeline.service.ledger import JobState, Ledger
+from cxr_pipeline.service.spool import validate_uid
 from tests.reliability.corpus import Case, build_corpus, fuzzed
 from tests.reliability.harness import (
     FINISHED_STATES,

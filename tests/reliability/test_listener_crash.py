@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr_pipeline.codes import DimseStatus
-from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.dicom.codes import DimseStatus
+from cxr_pipeline.service.ledger import JobState, Ledger
 from tests.reliability.harness import (
     Pacs,
     Tally,

@@ -31,9 +31,9 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
-from cxr_pipeline.audit import read_trail
-from cxr_pipeline.codes import DimseStatus
-from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.dicom.codes import DimseStatus
+from cxr_pipeline.service.audit import read_trail
+from cxr_pipeline.service.ledger import JobState, Ledger
 from listeners.server import MAX_PDU_BYTES
 from listeners.storescp import REQUEST_DEADLINE_S
 from tests.reliability.harness import (

@@ -39,7 +39,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from cxr_pipeline.codes import SUPPORTED_TRANSFER_SYNTAXES
+from cxr_pipeline.dicom.codes import SUPPORTED_TRANSFER_SYNTAXES
 from tests.support.orthanc import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 Used by the intensity-robustness test and ``bench/bench_intensity.py``. Each variant is a
 real DICOM dataset (synthetic header around the real pixels) that goes through the real
-ingest path (:func:`cxr_pipeline.ingest.load_radiograph`: decode, modality/VOI LUT) before
+ingest path (:func:`cxr_pipeline.dicom.ingest.load_radiograph`: decode, modality/VOI LUT) before
 the model sees it:
 
 * ``full range``: 16-bit stored values, a window spanning the stored range (reference);
@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from cxr_pipeline.ingest import load_radiograph
+from cxr_pipeline.dicom.ingest import load_radiograph
 from cxr_pipeline.settings import IngestSettings
 from tests.support.dicom_factory import make_dicom, to_bytes
 

@@ -26,13 +26,13 @@ from cxr_pipeline.batch.report import (
 )
 from cxr_pipeline.batch.runner import BatchOptions, run_batch
 from cxr_pipeline.batch.walker import FileKind, InputFile, detect_kind, walk
-from cxr_pipeline.codes import JPEG2000_TRANSFER_SYNTAXES
-from cxr_pipeline.decode import transfer_syntax_of
+from cxr_pipeline.dicom.codes import JPEG2000_TRANSFER_SYNTAXES
+from cxr_pipeline.dicom.decode import transfer_syntax_of
+from cxr_pipeline.dicom.ingest import load_picture, load_radiograph
 from cxr_pipeline.encode.reading import read_structured_report
 from cxr_pipeline.errors import ConfigError
-from cxr_pipeline.inference import Predictor
-from cxr_pipeline.ingest import load_picture, load_radiograph
-from cxr_pipeline.preprocess import preprocess
+from cxr_pipeline.model.inference import Predictor
+from cxr_pipeline.model.preprocess import preprocess
 from cxr_pipeline.settings import Destination, Settings, load_settings, parse_destination
 from tests.conftest import testdata as data_file
 from tests.support.batch_tree import build_tree
@@ -309,7 +309,7 @@ def test_reduced_resolution_decode_gives_the_same_model_input(
     nih_png_paths: list[Path], batch_settings: Settings
 ) -> None:
     # 1024 px -> decode_max_side 512 -> area resize to 256 equals 1024 -> 256 directly.
-    from cxr_pipeline.model_card import PreprocessingSpec
+    from cxr_pipeline.model.card import PreprocessingSpec
     from tests.support import dicom_factory as factory
 
     ds = factory.make_dicom(factory.load_png(nih_png_paths[5], size=None), bits_stored=12)

@@ -12,7 +12,7 @@ from pydicom import dcmread
 from cxr_pipeline.encode.reading import read_structured_report
 from cxr_pipeline.encode.secondary_capture import build_secondary_capture
 from cxr_pipeline.encode.structured_report import build_structured_report
-from cxr_pipeline.models import default_checkpoint_path, load_checkpoint
+from cxr_pipeline.model.architectures import default_checkpoint_path, load_checkpoint
 from cxr_pipeline.results import Finding
 from cxr_pipeline.settings import OutputSettings
 from training.train import weights_device_uid

@@ -10,11 +10,15 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 
-from cxr_pipeline import efficientnet_lite
-from cxr_pipeline.efficientnet_lite import EfficientNetLite0, load_imagenet_weights, weights_path
 from cxr_pipeline.errors import CheckpointError, ConfigError
-from cxr_pipeline.inference import fold_batch_norms
-from cxr_pipeline.models import build_model
+from cxr_pipeline.model import efficientnet_lite
+from cxr_pipeline.model.architectures import build_model
+from cxr_pipeline.model.efficientnet_lite import (
+    EfficientNetLite0,
+    load_imagenet_weights,
+    weights_path,
+)
+from cxr_pipeline.model.inference import fold_batch_norms
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (test extra) absent")
 

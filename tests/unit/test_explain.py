@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from cxr_pipeline.errors import ConfigError, ModelError
-from cxr_pipeline.explain import gradcam, heatmap_for_image, occlusion
-from cxr_pipeline.inference import Predictor
-from cxr_pipeline.model_card import ModelCard, PreprocessingSpec
-from cxr_pipeline.models import ARCHITECTURES, build_model
-from cxr_pipeline.preprocess import input_geometry, preprocess
+from cxr_pipeline.explain.gradcam import gradcam
+from cxr_pipeline.explain.heatmap import heatmap_for_image
+from cxr_pipeline.explain.occlusion import occlusion
+from cxr_pipeline.model.architectures import ARCHITECTURES, build_model
+from cxr_pipeline.model.card import ModelCard, PreprocessingSpec
+from cxr_pipeline.model.inference import Predictor
+from cxr_pipeline.model.preprocess import input_geometry, preprocess
 from cxr_pipeline.settings import ExplainSettings
 
 SMALL = PreprocessingSpec(resize=80, crop=64)  # small model input keeps the tests fast
@@ -38,7 +40,7 @@ def predictor() -> Predictor:
 
 @pytest.fixture(scope="module")
 def pixels(nih_png_paths: list[Path]) -> np.ndarray:
-    from cxr_pipeline.ingest import load_picture
+    from cxr_pipeline.dicom.ingest import load_picture
 
     return load_picture(nih_png_paths[1])[::4, ::4].copy()  # real radiograph, 256 px
 
@@ -153,7 +155,7 @@ def test_gradcam_is_the_map_monai_computes(architecture: str, pixels: np.ndarray
 
 
 def test_gradcam_of_the_packaged_model_is_the_map_monai_computes(pixels: np.ndarray) -> None:
-    from cxr_pipeline.models import default_checkpoint_path
+    from cxr_pipeline.model.architectures import default_checkpoint_path
 
     pred = Predictor.from_checkpoint(default_checkpoint_path(), device="cpu")
     tensor = preprocess(pixels, pred.card.preprocessing)

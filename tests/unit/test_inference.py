@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cxr_pipeline.errors import CheckpointError, ConfigError, ModelError
-from cxr_pipeline.inference import Predictor, resolve_device
-from cxr_pipeline.models import default_checkpoint_path
-from cxr_pipeline.preprocess import preprocess
+from cxr_pipeline.model.architectures import default_checkpoint_path
+from cxr_pipeline.model.inference import Predictor, resolve_device
+from cxr_pipeline.model.preprocess import preprocess
 from cxr_pipeline.settings import ModelSettings
 
 
@@ -22,7 +22,7 @@ def predictor(tiny_checkpoint: Path) -> Predictor:
 
 @pytest.fixture(scope="module")
 def images(nih_png_paths: list[Path]) -> list[np.ndarray]:
-    from cxr_pipeline.ingest import load_picture
+    from cxr_pipeline.dicom.ingest import load_picture
 
     # Real radiographs, halved to keep the test light (the chain resizes anyway).
     return [load_picture(p)[::2, ::2].copy() for p in nih_png_paths[:4]]
@@ -143,9 +143,9 @@ def test_unknown_precision_is_a_config_error(tiny_checkpoint: Path) -> None:
 def test_folded_batch_norms_give_the_same_probabilities() -> None:
     # ResNet-18 has a BatchNorm after every convolution; with non-trivial running
     # statistics, the folded copy must compute the same function and drop every BN.
-    from cxr_pipeline.inference import fold_batch_norms
-    from cxr_pipeline.model_card import ModelCard
-    from cxr_pipeline.models import build_model
+    from cxr_pipeline.model.architectures import build_model
+    from cxr_pipeline.model.card import ModelCard
+    from cxr_pipeline.model.inference import fold_batch_norms
 
     torch.manual_seed(0)
     model = build_model("resnet18", weights=None)

@@ -18,7 +18,14 @@ from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_windowing
 
-from cxr_pipeline.decode import area_downsample, window_unit
+from cxr_pipeline.dicom.decode import area_downsample, window_unit
+from cxr_pipeline.dicom.ingest import (
+    Radiograph,
+    check_chest_radiograph,
+    load_picture,
+    load_radiograph,
+    read_dataset,
+)
 from cxr_pipeline.errors import (
     CorruptPixelData,
     CxrError,
@@ -33,13 +40,6 @@ from cxr_pipeline.errors import (
     RejectedInput,
     UnsupportedPixelData,
     UnsupportedTransferSyntax,
-)
-from cxr_pipeline.ingest import (
-    Radiograph,
-    check_chest_radiograph,
-    load_picture,
-    load_radiograph,
-    read_dataset,
 )
 from cxr_pipeline.settings import IngestSettings
 from tests.conftest import testdata as pydicom_testdata

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_pipeline.decode import area_downsample
-from cxr_pipeline.inference import Predictor
-from cxr_pipeline.ingest import load_picture
-from cxr_pipeline.models import default_checkpoint_path
+from cxr_pipeline.dicom.decode import area_downsample
+from cxr_pipeline.dicom.ingest import load_picture
+from cxr_pipeline.model.architectures import default_checkpoint_path
+from cxr_pipeline.model.inference import Predictor
 from tests.support.intensity_variants import REFERENCE, VARIANTS, ingest_variants
 from training.datasets import read_manifest, resolve
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from cxr_pipeline.codes import DimseStatus, SopClass
-from cxr_pipeline.jobs import KEPT_LOCALLY, backoff_delays, destinations_for, process_job
-from cxr_pipeline.ledger import JobRecord, JobState, Ledger
+from cxr_pipeline.dicom.codes import DimseStatus, SopClass
 from cxr_pipeline.pipeline import Engine
-from cxr_pipeline.send import describe_routing
+from cxr_pipeline.service.jobs import KEPT_LOCALLY, backoff_delays, destinations_for, process_job
+from cxr_pipeline.service.ledger import JobRecord, JobState, Ledger
+from cxr_pipeline.service.send import describe_routing
+from cxr_pipeline.service.spool import Spool
 from cxr_pipeline.settings import Destination, SendSettings, Settings, load_settings
-from cxr_pipeline.spool import Spool
 from tests.conftest import testdata as data_file
 from tests.support.dicom_network import recording_scp
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cxr_pipeline.errors import InvalidUid
-from cxr_pipeline.ledger import JobState, Ledger
+from cxr_pipeline.service.ledger import JobState, Ledger
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 

@@ -13,7 +13,7 @@ from pydicom import dcmread
 from cxr_pipeline.encode.secondary_capture import build_secondary_capture
 from cxr_pipeline.encode.structured_report import build_structured_report
 from cxr_pipeline.logs import NOISY_LIBRARIES, quiet_third_party
-from cxr_pipeline.model_card import ModelCard
+from cxr_pipeline.model.card import ModelCard
 from cxr_pipeline.results import Finding
 from cxr_pipeline.settings import OutputSettings
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from cxr_pipeline import metrics
-from cxr_pipeline.ledger import JobState, Ledger
-from cxr_pipeline.metrics import LedgerCollector, start_metrics_server
+from cxr_pipeline.service import metrics
+from cxr_pipeline.service.ledger import JobState, Ledger
+from cxr_pipeline.service.metrics import LedgerCollector, start_metrics_server
 from tests.support.http import http_get as _get
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

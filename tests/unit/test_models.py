@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from cxr_pipeline.errors import CheckpointError, ConfigError
-from cxr_pipeline.model_card import ModelCard
-from cxr_pipeline.models import (
+from cxr_pipeline.model.architectures import (
     ARCHITECTURES,
     PAPER_ARCHITECTURES,
     build_model,
@@ -18,6 +17,7 @@ from cxr_pipeline.models import (
     load_checkpoint,
     save_checkpoint,
 )
+from cxr_pipeline.model.card import ModelCard
 
 CARD = ModelCard(
     name="test",
@@ -161,4 +161,4 @@ def test_save_refuses_an_unknown_architecture(tmp_path: Path) -> None:
 def test_default_checkpoint_path_is_packaged() -> None:
     path = default_checkpoint_path()
     assert path.name == "default.pt"
-    assert path.parent.name == "models_data" and path.parent.parent.name == "cxr_pipeline"
+    assert path.parent.name == "packaged" and path.parent.parent.name == "model"

@@ -94,9 +94,9 @@ def test_command_line_writes_results(
 
 
 def test_warm_up_analyses_a_generated_chest_radiograph(tiny_checkpoint: Path) -> None:
-    from cxr_pipeline.ingest import check_chest_radiograph
+    from cxr_pipeline.dicom.ingest import check_chest_radiograph
+    from cxr_pipeline.service.warmup import synthetic_radiograph, warm_up
     from cxr_pipeline.settings import IngestSettings
-    from cxr_pipeline.warmup import synthetic_radiograph, warm_up
 
     ds = synthetic_radiograph()
     check_chest_radiograph(ds, IngestSettings())  # passes the default policy as is

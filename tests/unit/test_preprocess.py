@@ -12,18 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_pipeline.augment import RandWindow
 from cxr_pipeline.errors import UnsupportedPixelData
-from cxr_pipeline.explain import map_to_image
-from cxr_pipeline.model_card import PreprocessingSpec
-from cxr_pipeline.preprocess import (
-    RankNormalize,
-    build_resized,
-    build_transform,
-    input_geometry,
-    preprocess,
-    resized_shape,
-)
+from cxr_pipeline.explain.heatmap import map_to_image
+from cxr_pipeline.model.augment import RandWindow, build_transform
+from cxr_pipeline.model.card import PreprocessingSpec
+from cxr_pipeline.model.preprocess import build_resized, input_geometry, preprocess
+from cxr_pipeline.model.steps import RankNormalize, resized_shape
 
 SPEC = PreprocessingSpec()
 MEAN = torch.tensor(SPEC.mean)[:, None, None]
@@ -37,7 +31,7 @@ def _grey(tensor: torch.Tensor) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def nih_pixels(nih_png_paths: list[Path]) -> np.ndarray:
-    from cxr_pipeline.ingest import load_picture
+    from cxr_pipeline.dicom.ingest import load_picture
 
     return load_picture(nih_png_paths[0])
 
@@ -67,7 +61,7 @@ def test_imagenet_normalisation_of_a_constant_image() -> None:
 def test_png_and_dicom_of_the_same_pixels_give_the_same_tensor(
     nih_png_paths: list[Path], tmp_path: Path
 ) -> None:
-    from cxr_pipeline.ingest import load_picture, load_radiograph
+    from cxr_pipeline.dicom.ingest import load_picture, load_radiograph
     from cxr_pipeline.settings import IngestSettings
     from tests.support.dicom_factory import make_dicom, write
 
@@ -86,7 +80,7 @@ def test_png_and_dicom_of_the_same_pixels_give_the_same_tensor(
 
 
 def test_real_chest_cr_dicom_is_preprocessed(rg1_uncr: Path) -> None:
-    from cxr_pipeline.ingest import load_radiograph
+    from cxr_pipeline.dicom.ingest import load_radiograph
     from cxr_pipeline.settings import IngestSettings
 
     image = load_radiograph(rg1_uncr, IngestSettings())
@@ -276,7 +270,7 @@ def _monai_eval_chain(spec: PreprocessingSpec) -> Any:
 
 
 def test_torch_chain_computes_what_the_monai_chain_does(nih_png_paths: list[Path]) -> None:
-    from cxr_pipeline.ingest import load_picture
+    from cxr_pipeline.dicom.ingest import load_picture
 
     rng = np.random.default_rng(1)
     images = [load_picture(path) for path in nih_png_paths[:4]]
@@ -295,7 +289,7 @@ def test_torch_chain_computes_what_the_monai_chain_does(nih_png_paths: list[Path
 def test_inference_imports_neither_monai_nor_torchvision() -> None:
     """One image must not pay MONAI's import-everything ``__init__`` (seconds) or torchvision."""
     code = (
-        "import sys, cxr_pipeline.pipeline, cxr_pipeline.explain, cxr_pipeline.inference; "
+        "import sys, cxr_pipeline.pipeline, cxr_pipeline.explain, cxr_pipeline.model.inference; "
         "print(sorted(m for m in ('monai', 'torchvision', 'torch._dynamo') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

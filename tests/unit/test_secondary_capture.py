@@ -12,11 +12,11 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ImplicitVRLittleEndian
 
-from cxr_pipeline.codes import SopClass
+from cxr_pipeline.dicom.codes import SopClass
 from cxr_pipeline.encode.secondary_capture import build_secondary_capture
 from cxr_pipeline.encode.structured_report import build_structured_report
 from cxr_pipeline.errors import EncodeError
-from cxr_pipeline.model_card import ModelCard
+from cxr_pipeline.model.card import ModelCard
 from cxr_pipeline.results import Finding
 from cxr_pipeline.settings import OutputSettings
 from tests.support.dicom3tools import dciodvfy

@@ -8,10 +8,10 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless
 
-from cxr_pipeline.codes import DimseStatus
-from cxr_pipeline.decode import transfer_syntax_of
+from cxr_pipeline.dicom.codes import DimseStatus
+from cxr_pipeline.dicom.decode import transfer_syntax_of
 from cxr_pipeline.errors import SendError
-from cxr_pipeline.send import send_datasets
+from cxr_pipeline.service.send import send_datasets
 from cxr_pipeline.settings import Destination, SendSettings
 from tests.conftest import testdata as data_file
 from tests.support.dicom_network import UNCOMPRESSED_ONLY, recording_scp

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from cxr_pipeline.errors import InvalidUid, RejectedInput
-from cxr_pipeline.spool import Spool, validate_uid
+from cxr_pipeline.service.spool import Spool, validate_uid
 
 UID = "1.2.826.0.1.3680043.8.498.12345"
 

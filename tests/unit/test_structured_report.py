@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from cxr_pipeline.codes import (
+from cxr_pipeline.dicom.codes import (
     ABSENT,
     COVID19,
     PRESENT,
@@ -26,7 +26,7 @@ from cxr_pipeline.codes import (
 from cxr_pipeline.encode.reading import read_structured_report
 from cxr_pipeline.encode.structured_report import build_structured_report
 from cxr_pipeline.errors import EncodeError
-from cxr_pipeline.model_card import ModelCard
+from cxr_pipeline.model.card import ModelCard
 from cxr_pipeline.results import Finding
 from cxr_pipeline.settings import OutputSettings
 from tests.support.dicom3tools import dciodvfy, dsr2html, dsrdump

@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import KFold
 
-from cxr_pipeline.models import default_checkpoint_path
+from cxr_pipeline.model.architectures import default_checkpoint_path
 from tests.support.pool import one_image_per_patient
 from training.datasets import COVID, NON_COVID, Sample, read_manifest, with_split, write_manifest
 from training.probe import extract_features, probe_spec
@@ -94,8 +94,8 @@ def _real_rows(shared_data_dir: Path) -> list[Sample]:
 
 
 def test_real_features_are_the_backbone_output_and_its_flip(shared_data_dir: Path) -> None:
-    from cxr_pipeline.models import build_model
-    from cxr_pipeline.preprocess import EvalTransform
+    from cxr_pipeline.model.architectures import build_model
+    from cxr_pipeline.model.preprocess import EvalTransform
     from training.datasets import load_image, resolve
     from training.features import split_backbone_head
 
@@ -154,7 +154,7 @@ def test_figures_without_intervals_are_strict_json() -> None:
 
 
 def test_probe_spec_is_the_packaged_default_models_preprocessing() -> None:
-    from cxr_pipeline.models import load_checkpoint
+    from cxr_pipeline.model.architectures import load_checkpoint
 
     _, card = load_checkpoint(default_checkpoint_path())
     assert probe_spec(card.preprocessing.crop) == card.preprocessing

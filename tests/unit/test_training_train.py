@@ -41,7 +41,7 @@ def tiny_split(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.mark.parametrize("architecture", ["squeezenet1_1", "resnet18", "densenet121"])
 def test_backbone_then_head_equals_the_model(architecture: str) -> None:
-    from cxr_pipeline.models import build_model
+    from cxr_pipeline.model.architectures import build_model
 
     torch.manual_seed(0)
     model = build_model(architecture)
@@ -70,7 +70,7 @@ def test_feature_cache_training_equals_the_naive_loop(tiny_split: Path,
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
     # Frozen backbone really unchanged; the head really trained.
-    from cxr_pipeline.models import build_model
+    from cxr_pipeline.model.architectures import build_model
 
     torch.manual_seed(cfg.seed)
     init = build_model("squeezenet1_1").state_dict()
@@ -112,7 +112,7 @@ def test_class_source_weighted_training_runs(tiny_split: Path, shared_data_dir: 
 
 def test_train_and_eval_end_to_end(tiny_split: Path, shared_data_dir: Path,
                                    tmp_path: Path) -> None:
-    from cxr_pipeline.models import load_checkpoint
+    from cxr_pipeline.model.architectures import load_checkpoint
 
     ckpt = tmp_path / "model.pt"
     rc = train_main(["--split", str(tiny_split), "--data-dir", str(shared_data_dir),
@@ -178,7 +178,7 @@ def test_evaluate_scores_per_source() -> None:
 
 
 def test_efficientnet_lite0_splits_equal_the_model() -> None:
-    from cxr_pipeline.models import build_model
+    from cxr_pipeline.model.architectures import build_model
     from training.features import split_for_finetune
 
     torch.manual_seed(0)
@@ -197,7 +197,7 @@ def test_efficientnet_lite0_splits_equal_the_model() -> None:
 
 def test_efficientnet_recipes_from_the_packaged_imagenet_weights(
         tiny_split: Path, shared_data_dir: Path) -> None:
-    from cxr_pipeline.models import build_model
+    from cxr_pipeline.model.architectures import build_model
 
     samples = read_manifest(tiny_split)
     train = [s for s in samples if s.split == "train"]

@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydicom.uid import UID
 
+from cxr_pipeline.dicom.uids import ResultUid, instance_uid, result_uid, series_uid
 from cxr_pipeline.errors import EncodeError
-from cxr_pipeline.uids import ResultUid, instance_uid, result_uid, series_uid
 
 SOURCE = "1.3.6.1.4.1.5962.1.1.9.1.1.20040826185059.5457"
 STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"

@@ -22,7 +22,7 @@ INTENSITY_STEPS: tuple[str, ...] = ("none", "rank")
 
 @dataclass(frozen=True)
 class PreprocessingSpec:
-    """Parameters of the shared preprocessing chain (see :mod:`cxr_pipeline.preprocess`)."""
+    """Parameters of the shared preprocessing chain (see :mod:`cxr_pipeline.model.preprocess`)."""
 
     resize: int = 256
     """Shorter side after resizing, as torchvision's ImageNet recipe (the paper's code)."""
@@ -34,7 +34,7 @@ class PreprocessingSpec:
     """Intensity step before resizing: ``"none"`` (the display-ready pixels as they are) or
     ``"rank"`` (each pixel replaced by its mid-rank among the image's pixels, so any
     monotone window/level, gamma or bit depth gives the same input; see
-    :class:`cxr_pipeline.preprocess.RankNormalize`). Cards written before this field read
+    :class:`cxr_pipeline.model.steps.RankNormalize`). Cards written before this field read
     as ``"none"``."""
     rank_clip: float = 0.0
     """With ``intensity="rank"``: ranks below ``rank_clip`` and above ``1 - rank_clip`` are

@@ -1,6 +1,6 @@
 """Send results that wait in the outbox, with retries, and record the outcome.
 
-The sending half of a job, shared by :func:`cxr_pipeline.jobs.process_job` (the embedded
+The sending half of a job, shared by :func:`cxr_pipeline.service.jobs.process_job` (the embedded
 executor, which analyses first) and the Celery listener, which sends the results workers
 return through Redis (:mod:`workers.results`). Imports no model code.
 """
@@ -15,14 +15,14 @@ import pydicom
 import pydicom.errors
 from pydicom.dataset import Dataset
 
-from cxr_pipeline import metrics
-from cxr_pipeline.audit import AuditTrail, trail_for
-from cxr_pipeline.codes import SopClass
+from cxr_pipeline.dicom.codes import SopClass
 from cxr_pipeline.errors import SendError
-from cxr_pipeline.ledger import JobRecord, JobState, Ledger
-from cxr_pipeline.send import send_datasets
+from cxr_pipeline.service import metrics
+from cxr_pipeline.service.audit import AuditTrail, trail_for
+from cxr_pipeline.service.ledger import JobRecord, JobState, Ledger
+from cxr_pipeline.service.send import send_datasets
+from cxr_pipeline.service.spool import Spool
 from cxr_pipeline.settings import Destination, SendSettings, Settings
-from cxr_pipeline.spool import Spool
 
 log = logging.getLogger(__name__)
 

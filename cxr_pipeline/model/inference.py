@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from cxr_pipeline.errors import ConfigError, ModelError
-from cxr_pipeline.model_card import ModelCard
-from cxr_pipeline.models import default_checkpoint_path, load_checkpoint
-from cxr_pipeline.preprocess import preprocess
+from cxr_pipeline.model.architectures import default_checkpoint_path, load_checkpoint
+from cxr_pipeline.model.card import ModelCard
+from cxr_pipeline.model.preprocess import preprocess
 from cxr_pipeline.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,8 @@ class Predictor:
     Parameters
     ----------
     model
-        A classifier from :func:`cxr_pipeline.models.build_model` (moved, put in eval mode).
+        A classifier from :func:`cxr_pipeline.model.architectures.build_model` (moved, put in
+        eval mode).
     card
         Its model card (class order, preprocessing, threshold).
     device
@@ -210,7 +211,7 @@ class Predictor:
         precision: str = "float32",
         fold_batch_norm: bool = True,
     ) -> Predictor:
-        """Load a checkpoint (see :func:`cxr_pipeline.models.load_checkpoint`).
+        """Load a checkpoint (see :func:`cxr_pipeline.model.architectures.load_checkpoint`).
 
         Parameters
         ----------
@@ -286,7 +287,7 @@ class Predictor:
         Parameters
         ----------
         batch
-            float tensor ``(N, 3, H, W)`` from :func:`cxr_pipeline.preprocess.preprocess`.
+            float tensor ``(N, 3, H, W)`` from :func:`cxr_pipeline.model.preprocess.preprocess`.
 
         Returns
         -------

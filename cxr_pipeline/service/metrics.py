@@ -2,7 +2,8 @@
 
 The instruments are module-level, as ``prometheus_client`` intends: each process (the
 listener, each worker) counts what it does and serves its own ``/metrics``. Counters and
-histograms are updated where the work happens (the C-STORE handler, :mod:`cxr_pipeline.jobs`);
+histograms are updated where the work happens (the C-STORE handler,
+:mod:`cxr_pipeline.service.jobs`);
 the ledger's view (jobs by state, queue depth) and the spool's free space are read at scrape
 time by :class:`LedgerCollector`, so they are never stale and cost nothing between scrapes.
 

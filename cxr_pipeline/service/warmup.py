@@ -16,7 +16,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from cxr_pipeline.codes import SopClass
+from cxr_pipeline.dicom.codes import SopClass
 from cxr_pipeline.pipeline import Engine, analyse
 
 log = logging.getLogger(__name__)

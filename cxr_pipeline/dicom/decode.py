@@ -39,7 +39,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
 
-from cxr_pipeline.codes import (
+from cxr_pipeline.dicom.codes import (
     DCT_JPEG_TRANSFER_SYNTAXES,
     JPEG2000_TRANSFER_SYNTAXES,
     SUPPORTED_TRANSFER_SYNTAXES,
@@ -93,7 +93,7 @@ def check_transfer_syntax(ds: Dataset) -> _uid.UID:
     Raises
     ------
     UnsupportedTransferSyntax
-        Not one of :data:`cxr_pipeline.codes.SUPPORTED_TRANSFER_SYNTAXES`, or its
+        Not one of :data:`cxr_pipeline.dicom.codes.SUPPORTED_TRANSFER_SYNTAXES`, or its
         decoder plugins are not installed.
     """
     syntax = transfer_syntax_of(ds)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from cxr_pipeline.spool import validate_uid
+from cxr_pipeline.service.spool import validate_uid
 
 
 class JobState(StrEnum):

@@ -2,7 +2,8 @@
 
 Each event becomes one ``<AuditMessage>`` (the DICOM audit message schema, A.5.1),
 appended as one JSON line (``time``, ``event``, ``outcome``, ``xml``) to an append-only
-file and, when configured, sent to a syslog collector (RFC 5424, :mod:`cxr_pipeline.syslog`).
+file and, when configured, sent to a syslog collector (RFC 5424,
+:mod:`cxr_pipeline.service.syslog`).
 
 Events written:
 
@@ -33,10 +34,10 @@ from pathlib import Path
 
 from pydicom.sr.coding import Code
 
-from cxr_pipeline import codes
-from cxr_pipeline.codes import AuditAction, AuditOutcome, NetworkAccessPointType
+from cxr_pipeline.dicom import codes
+from cxr_pipeline.dicom.codes import AuditAction, AuditOutcome, NetworkAccessPointType
+from cxr_pipeline.service.syslog import SEVERITY_NOTICE, SEVERITY_WARNING, SyslogSender
 from cxr_pipeline.settings import Settings
-from cxr_pipeline.syslog import SEVERITY_NOTICE, SEVERITY_WARNING, SyslogSender
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Three steps, each a public function:
 2. :func:`check_chest_radiograph` decides from the header alone, before any pixel data is
    decoded, whether the object is a single-frame chest radiograph we can decode
    (:class:`~cxr_pipeline.errors.RejectedInput` subclasses name the reason).
-3. :func:`load_radiograph` decodes (:mod:`cxr_pipeline.decode`) and returns a
+3. :func:`load_radiograph` decodes (:mod:`cxr_pipeline.dicom.decode`) and returns a
    :class:`Radiograph`.
 
 The chest decision, in order:
@@ -43,13 +43,14 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from cxr_pipeline.codes import RADIOGRAPHY_SOP_CLASSES, SECONDARY_CAPTURE_SOP_CLASSES
-from cxr_pipeline.decode import (
+from cxr_pipeline.dicom.codes import RADIOGRAPHY_SOP_CLASSES, SECONDARY_CAPTURE_SOP_CLASSES
+from cxr_pipeline.dicom.decode import (
     area_downsample,
     check_transfer_syntax,
     decode_stored_values,
     to_display,
 )
+from cxr_pipeline.dicom.pictures import load_picture
 from cxr_pipeline.errors import (
     CorruptPixelData,
     ImageTooLarge,
@@ -61,7 +62,6 @@ from cxr_pipeline.errors import (
     NotDicom,
     UnsupportedPixelData,
 )
-from cxr_pipeline.pictures import load_picture
 from cxr_pipeline.settings import IngestSettings
 
 __all__ = [
@@ -347,7 +347,7 @@ def load_radiograph(
     max_side
         None: full resolution. Otherwise the returned pixels are area-downsampled so the
         longer side is at most ``max_side``; JPEG 2000 and 8-bit JPEG are decoded at
-        reduced resolution by the codec (see :mod:`cxr_pipeline.decode`), which is much
+        reduced resolution by the codec (see :mod:`cxr_pipeline.dicom.decode`), which is much
         faster. A fast path for inference; the SR/SC are unaffected.
 
     Returns

@@ -17,8 +17,8 @@ import ssl
 import threading
 from datetime import UTC, datetime
 
+from cxr_pipeline.service.tls import peer_context
 from cxr_pipeline.settings import AuditSettings
-from cxr_pipeline.tls import peer_context
 
 log = logging.getLogger(__name__)
 

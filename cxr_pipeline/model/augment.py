@@ -1,14 +1,16 @@
 """Training augmentation (MONAI): random windows and the paper's random geometry.
 
-Imported only by training (through ``build_transform(spec, train=True)``), never on the
+Imported only by training (``build_transform`` builds either chain for it), never on the
 inference path, because any ``monai`` import loads all of MONAI (see
-:mod:`cxr_pipeline.preprocess`). The chain ends with the same :func:`preprocess.finish`
-step as evaluation, so a training tensor and an inference tensor are normalised alike.
+:mod:`cxr_pipeline.model.preprocess`). The chain ends with the same
+:func:`~cxr_pipeline.model.steps.finish` step as evaluation, so a training tensor and an
+inference tensor are normalised alike.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,13 +24,9 @@ from monai.transforms.spatial.array import RandFlip, RandRotate, Resize
 from monai.transforms.transform import RandomizableTransform
 from monai.transforms.utility.array import EnsureChannelFirst, EnsureType
 
-from cxr_pipeline.model_card import PreprocessingSpec
-from cxr_pipeline.preprocess import (
-    RankNormalize,
-    check_pixels,
-    finish,
-    resize_shorter_side,
-)
+from cxr_pipeline.model.card import PreprocessingSpec
+from cxr_pipeline.model.preprocess import EvalTransform
+from cxr_pipeline.model.steps import RankNormalize, check_pixels, finish, resize_shorter_side
 
 TRAIN_MIN_CROP_SIDE = 0.5
 """Smallest random-crop side in training, as a fraction of the image side (area >= 25%)."""
@@ -103,7 +101,7 @@ def intensity_transforms(spec: PreprocessingSpec) -> list[Any]:
 
 
 class _ResizeShorterSide:
-    """:func:`cxr_pipeline.preprocess.resize_shorter_side` as a chain step."""
+    """:func:`cxr_pipeline.model.steps.resize_shorter_side` as a chain step."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -120,7 +118,7 @@ class TrainTransform:
     chain
         MONAI ``Compose`` from the 2-D image to the ``(1, crop, crop)`` augmented image.
     spec
-        The card's preprocessing, for the shared :func:`preprocess.finish` step.
+        The card's preprocessing, for the shared :func:`~cxr_pipeline.model.steps.finish` step.
     """
 
     def __init__(self, chain: Compose, spec: PreprocessingSpec) -> None:
@@ -144,14 +142,14 @@ def train_transform(spec: PreprocessingSpec, *, resized: bool = False) -> TrainT
 
     Random window (and gamma without rank normalisation), the rank step, then the paper's
     augmentation: random scaled crop resized to ``spec.crop``, horizontal flip, small
-    rotation; finally the shared :func:`preprocess.finish`.
+    rotation; finally the shared :func:`~cxr_pipeline.model.steps.finish`.
 
     Parameters
     ----------
     spec
         The card's preprocessing.
     resized
-        The input is :func:`cxr_pipeline.preprocess.build_resized` output: skip the resize
+        The input is :func:`cxr_pipeline.model.preprocess.build_resized` output: skip the resize
         (the random window runs on it and the ranks are taken again, so clipped pixels tie
         as in a windowed image).
 
@@ -176,3 +174,38 @@ def train_transform(spec: PreprocessingSpec, *, resized: bool = False) -> TrainT
         EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
     ]
     return TrainTransform(Compose(steps), spec)
+
+
+def build_transform(
+    spec: PreprocessingSpec, *, train: bool = False, resized: bool = False
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """Build the shared preprocessing chain.
+
+    Parameters
+    ----------
+    spec
+        Intensity step, resize, crop and normalisation parameters (from the model card).
+    train
+        False: deterministic evaluation chain (intensity step, resize shorter side to
+        ``spec.resize``, centre crop ``spec.crop``). True: MONAI's random augmentation
+        (:func:`cxr_pipeline.model.augment.train_transform`: random window, and gamma without
+        rank normalisation, then the paper's random scaled crop, flip and small rotation).
+    resized
+        The input is :func:`build_resized` output: skip the steps it already applied (in
+        training, the random window runs on it and the ranks are taken again so clipped
+        pixels tie as in a windowed image).
+
+    Returns
+    -------
+    callable
+        Maps a float32 ``(rows, cols)`` array in [0, 1] to a float32 tensor
+        ``(3, spec.crop, spec.crop)``. It has ``set_random_state(seed)``.
+
+    Raises
+    ------
+    UnsupportedPixelData
+        (when called) the input is not a finite 2-D array.
+    """
+    if train:
+        return train_transform(spec, resized=resized)
+    return EvalTransform(spec, resized=resized)

@@ -168,7 +168,7 @@ BODY_PART_CHEST = "CHEST"
 
 # --------------------------------------------------------------------------------------
 # DIMSE status codes (PS3.4 Annex B / PS3.7 Annex C), used by the listener and sender
-# (section owned by the PACS service: listeners/, cxr_pipeline/send.py)
+# (section owned by the PACS service: listeners/, cxr_pipeline/service/send.py)
 # --------------------------------------------------------------------------------------
 
 
@@ -212,7 +212,7 @@ DCT_JPEG_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
 
 # --------------------------------------------------------------------------------------
 # Audit trail: DICOM PS3.15 Annex A.5 audit messages (CID 400-406, PS3.16), written by
-# cxr_pipeline/audit.py (section owned by the PACS service: listeners/, send, audit)
+# cxr_pipeline/service/audit.py (section owned by the PACS service: listeners/, send, audit)
 # --------------------------------------------------------------------------------------
 
 AUDIT_APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")

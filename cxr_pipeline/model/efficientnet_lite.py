@@ -12,7 +12,7 @@ right (tested on scikit-image's sample photos). The weights expect RGB inputs sc
 [-1, 1] (mean 0.5, standard deviation 0.5).
 
 The model is FX-traceable (static padding, no data-dependent control flow), so
-:func:`cxr_pipeline.inference.fold_batch_norms` folds all its batch norms, and it runs in the
+:func:`cxr_pipeline.model.inference.fold_batch_norms` folds all its batch norms, and it runs in the
 channels-last memory format like the torchvision models.
 """
 

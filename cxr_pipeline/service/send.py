@@ -8,10 +8,10 @@ pynetdicom converts
 between uncompressed syntaxes itself, and a compressed dataset whose syntax the peer
 refuses is decompressed (pydicom pixel handlers) before sending. Any refusal, abort,
 timeout or non-success status raises :class:`~cxr_pipeline.errors.SendError`
-(retryable); retries and backoff belong to the caller (:mod:`cxr_pipeline.jobs`).
+(retryable); retries and backoff belong to the caller (:mod:`cxr_pipeline.service.jobs`).
 
 DICOM TLS is set per destination / known peer (``tls`` table, context from
-:mod:`cxr_pipeline.tls`); a destination named on the command line picks up the ``tls`` of
+:mod:`cxr_pipeline.service.tls`); a destination named on the command line picks up the ``tls`` of
 the configured peer with the same AE title, host and port. A failed handshake raises
 ``SendError("TLS handshake with ... failed: <reason>")``. With an audit trail, each call
 writes Begin Transferring / DICOM Instances Transferred, and a Security Alert for a TLS
@@ -30,13 +30,13 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from cxr_pipeline import codes
-from cxr_pipeline.audit import AuditTrail, Participant, StudyTransfer
-from cxr_pipeline.codes import STORE_SUCCESS_STATUSES, AuditAction, AuditOutcome
-from cxr_pipeline.decode import transfer_syntax_of
+from cxr_pipeline.dicom import codes
+from cxr_pipeline.dicom.codes import STORE_SUCCESS_STATUSES, AuditAction, AuditOutcome
+from cxr_pipeline.dicom.decode import transfer_syntax_of
 from cxr_pipeline.errors import SendError
+from cxr_pipeline.service.audit import AuditTrail, Participant, StudyTransfer
+from cxr_pipeline.service.tls import describe_tls_error, peer_context
 from cxr_pipeline.settings import Destination, SendSettings
-from cxr_pipeline.tls import describe_tls_error, peer_context
 
 log = logging.getLogger(__name__)
 

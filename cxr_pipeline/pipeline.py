@@ -21,7 +21,7 @@ from cxr_pipeline.encode.secondary_capture import build_secondary_capture
 from cxr_pipeline.encode.structured_report import build_structured_report
 from cxr_pipeline.explain.heatmap import heatmap_for_image
 from cxr_pipeline.model.inference import Predictor
-from cxr_pipeline.results import Analysis, Finding
+from cxr_pipeline.results import Analysis
 from cxr_pipeline.settings import Settings
 
 
@@ -103,7 +103,7 @@ def analyse_radiograph(
     card = engine.predictor.card
     with _timed(timings, "infer"):
         probability = float(engine.predictor.predict_images([image.pixels])[0])
-    finding = Finding(probability=probability, threshold=card.threshold)
+    finding = engine.predictor.finding(probability)
     with _timed(timings, "explain"):
         heatmap = heatmap_for_image(engine.predictor, image.pixels, settings.explain)
     with _timed(timings, "encode"):

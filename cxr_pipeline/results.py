@@ -14,13 +14,24 @@ class Finding:
     Attributes
     ----------
     probability
-        Softmax probability of the COVID class, in [0, 1].
+        Calibrated probability of COVID-19, in [0, 1] (the raw score where the operating
+        point has no calibration).
     threshold
-        The model's operating threshold (from its card).
+        The operating threshold, on the same scale as ``probability``.
+    score
+        The model's raw score (softmax of the COVID class), when known.
+    decided_by
+        What set the calibration and threshold: ``"model card NAME VERSION"`` or
+        ``"site profile NAME"``; empty when not recorded.
+    target_sensitivity
+        The sensitivity the threshold was chosen to reach, when it was.
     """
 
     probability: float
     threshold: float
+    score: float | None = None
+    decided_by: str = ""
+    target_sensitivity: float | None = None
 
     @property
     def positive(self) -> bool:

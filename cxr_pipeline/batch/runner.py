@@ -168,7 +168,7 @@ class _Run:
             return
         infer_ms = (time.perf_counter() - start) * 1000.0 / len(batch)
         for decoded, probability in zip(batch, probabilities, strict=True):
-            finding = Finding(probability=float(probability), threshold=card.threshold)
+            finding = self.predictor.finding(float(probability))
             row = Row.for_file(
                 decoded.item,
                 kind=decoded.kind.value,

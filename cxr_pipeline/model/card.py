@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cxr_pipeline.errors import CheckpointError
+from cxr_pipeline.model.calibration import Calibration, OperatingPoint
 
 CARD_FORMAT_VERSION = 1
 
@@ -65,7 +66,7 @@ class ModelCard:
     class_names
         Output order of the two-class head; must contain ``"covid"``.
     threshold
-        Operating threshold: probability >= threshold is COVID-positive.
+        Operating threshold on the raw score: score >= threshold is COVID-positive.
     device_uid
         DICOM UID identifying these weights (Contributing Equipment Device UID); it must
         change whenever the weights change.
@@ -80,6 +81,9 @@ class ModelCard:
     base_weights
         Where the initial (pretrained) weights came from and their licence; ``""`` for a
         model trained from random initialisation.
+    calibration
+        Map from the raw score to the reported probability
+        (:mod:`cxr_pipeline.model.calibration`); identity for cards without one.
     """
 
     name: str
@@ -93,11 +97,35 @@ class ModelCard:
     metrics: dict[str, float] = field(default_factory=dict)
     intended_use: str = "Research use only. Not for diagnostic use."
     base_weights: str = ""
+    calibration: Calibration = field(default_factory=Calibration)
 
     @property
     def covid_index(self) -> int:
         """Index of the COVID class in the model output."""
         return self.class_names.index("covid")
+
+    def operating_point(self) -> OperatingPoint:
+        """Give the card's own operating point: its calibration and threshold on that scale.
+
+        :attr:`threshold` is on the raw score's scale (it was chosen on raw scores); the
+        calibration is monotone, so the calibrated image of the threshold flags the same
+        images (ties of an isotonic step aside, which it flags too).
+
+        Returns
+        -------
+        OperatingPoint
+            Source ``"model card"``, named ``NAME VERSION``.
+        """
+        threshold = self.threshold
+        if self.calibration.method != "identity":
+            threshold = self.calibration.apply_one(self.threshold)
+        return OperatingPoint(
+            calibration=self.calibration,
+            threshold=threshold,
+            source="model card",
+            name=f"{self.name} {self.version}",
+            target_sensitivity=self.metrics.get("target_sensitivity"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-types form stored in the checkpoint (safe for ``weights_only`` loading)."""
@@ -106,6 +134,7 @@ class ModelCard:
         data["class_names"] = list(self.class_names)
         data["preprocessing"]["mean"] = list(self.preprocessing.mean)
         data["preprocessing"]["std"] = list(self.preprocessing.std)
+        data["calibration"] = self.calibration.to_dict()
         return data
 
     @classmethod
@@ -127,8 +156,10 @@ class ModelCard:
             for key in ("mean", "std"):
                 if key in pre:
                     pre[key] = tuple(float(v) for v in pre[key])
+            calibration = Calibration.from_dict(dict(values.pop("calibration", {})))
             card = cls(
                 preprocessing=PreprocessingSpec(**pre),
+                calibration=calibration,
                 class_names=tuple(values.pop("class_names", ("non_covid", "covid"))),
                 metrics={str(k): float(v) for k, v in values.pop("metrics", {}).items()},
                 **values,

@@ -22,8 +22,10 @@ from torch import nn
 
 from cxr_pipeline.errors import ConfigError, ModelError
 from cxr_pipeline.model.architectures import default_checkpoint_path, load_checkpoint
+from cxr_pipeline.model.calibration import OperatingPoint
 from cxr_pipeline.model.card import ModelCard
 from cxr_pipeline.model.preprocess import preprocess
+from cxr_pipeline.results import Finding
 from cxr_pipeline.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -186,6 +188,7 @@ class Predictor:
         self.precision = precision
         self.device = resolve_device(device)
         self.card = card
+        self.operating_point = card.operating_point()
         self.channels_last = channels_last
         self.batch_size = batch_size
         model = model.to(self.device).eval()
@@ -199,6 +202,39 @@ class Predictor:
             folded = fold_batch_norms(model)
             # Folded weights are new tensors: give them the layout too.
             self.inference_model = folded.to(memory_format=layout)  # type: ignore[call-overload]
+
+    def use_operating_point(self, point: OperatingPoint) -> None:
+        """Decide with ``point`` (a site profile's) instead of the card's own.
+
+        Parameters
+        ----------
+        point
+            Calibration and threshold; later :meth:`finding` calls use them.
+        """
+        self.operating_point = point
+
+    def finding(self, score: float) -> Finding:
+        """Turn one raw score into the reported finding (calibrated probability, decision).
+
+        Parameters
+        ----------
+        score
+            Raw COVID score from :meth:`predict_images` or :meth:`predict_tensors`.
+
+        Returns
+        -------
+        Finding
+            Calibrated probability, the threshold on its scale, the raw score and what set
+            the operating point.
+        """
+        point = self.operating_point
+        return Finding(
+            probability=point.probability(float(score)),
+            threshold=point.threshold,
+            score=float(score),
+            decided_by=f"{point.source} {point.name}".strip(),
+            target_sensitivity=point.target_sensitivity,
+        )
 
     @classmethod
     def from_checkpoint(

@@ -224,10 +224,11 @@ class DimseSource:
                 assoc.release()
 
     def _refused_hint(self, what: str) -> str:
+        option = "DicomAlwaysAllow" + what.removeprefix("C-").capitalize()
         return (
             f"{self.label} ended the association without answering the {what} (does it "
             f"allow AE title {self._send.calling_ae_title} to {what}? Orthanc: list it in "
-            f"DicomModalities, or set DicomAlwaysAllowFind / DicomAlwaysAllowGet)"
+            f"DicomModalities, or set {option})"
         )
 
     # -- C-FIND ------------------------------------------------------------------------

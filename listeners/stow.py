@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -229,13 +230,26 @@ class _Server(ThreadingHTTPServer):
         tokens: frozenset[str],
         on_refused: Callable[[str, str], None] | None,
         max_requests: int,
+        context: ssl.SSLContext | None,
     ) -> None:
         super().__init__(address, _StowHandler)
+        self.context = context
         self.store = store
         self.settings = settings
         self.tokens = tokens
         self.on_refused = on_refused
         self.slots = threading.BoundedSemaphore(max_requests)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection and, with TLS, wrap it.
+
+        The handshake runs in the connection's own thread on first use, so a silent client
+        cannot hold up ``accept``.
+        """
+        connection, address = self.socket.accept()
+        if self.context is not None:
+            connection = self.context.wrap_socket(connection, server_side=True)
+        return connection, address
 
 
 class _StowHandler(BaseHTTPRequestHandler):
@@ -361,41 +375,75 @@ class _StowHandler(BaseHTTPRequestHandler):
         return boundary
 
     def _read_body(self) -> bytes:
+        """Read the whole body within the size and time limits.
+
+        Content-Length or chunked: dicomweb-client sends bodies over 1 MB in chunks.
+        """
         settings = self.server.settings
+        deadline = time.monotonic() + settings.timeout_s
+        body = io.BytesIO()
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not taken")
+            while True:
+                line = self._read_line(deadline)
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise _Refused(HTTPStatus.BAD_REQUEST, "bad chunk size line") from None
+                if size == 0:
+                    while self._read_line(deadline).strip():
+                        pass  # trailer fields, up to the empty line
+                    return body.getvalue()
+                self._check_size(body.tell() + size)
+                self._read_exact(size, deadline, body)
+                if self._read_line(deadline).strip():
+                    raise _Refused(HTTPStatus.BAD_REQUEST, "chunk longer than its size line")
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             raise _Refused(HTTPStatus.LENGTH_REQUIRED, "Content-Length required") from None
-        if length < 0 or length > settings.max_body_bytes:
+        self._check_size(length)
+        self._read_exact(length, deadline, body)
+        return body.getvalue()
+
+    def _check_size(self, length: int) -> None:
+        limit = self.server.settings.max_body_bytes
+        if length < 0 or length > limit:
             raise _Refused(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"body of {length} bytes exceeds {settings.max_body_bytes}",
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes exceeds {limit}"
             )
-        deadline = time.monotonic() + settings.timeout_s
-        body = io.BytesIO()
+
+    def _read_line(self, deadline: float) -> bytes:
+        if time.monotonic() > deadline:
+            raise self._too_slow()
+        try:
+            line = self.rfile.readline(1024)
+        except TimeoutError:
+            raise self._too_slow() from None
+        if not line.endswith(b"\n"):
+            raise _Refused(HTTPStatus.BAD_REQUEST, "chunked body truncated; nothing stored")
+        return line
+
+    def _read_exact(self, length: int, deadline: float, body: io.BytesIO) -> None:
         remaining = length
         while remaining:
             if time.monotonic() > deadline:
-                raise _Refused(
-                    HTTPStatus.REQUEST_TIMEOUT, f"body not received in {settings.timeout_s} s"
-                )
+                raise self._too_slow()
             try:
                 chunk = self.rfile.read1(min(remaining, READ_CHUNK))
             except TimeoutError:
-                raise _Refused(
-                    HTTPStatus.REQUEST_TIMEOUT, f"no data for {settings.timeout_s} s"
-                ) from None
+                raise self._too_slow() from None
             if not chunk:
                 raise _Refused(
                     HTTPStatus.BAD_REQUEST,
-                    f"body ended after {length - remaining} of {length} bytes (truncated); "
+                    f"body ended {remaining} bytes short of what was announced (truncated); "
                     "nothing stored",
                 )
             body.write(chunk)
             remaining -= len(chunk)
-        return body.getvalue()
+
+    def _too_slow(self) -> _Refused:
+        limit = self.server.settings.timeout_s
+        return _Refused(HTTPStatus.REQUEST_TIMEOUT, f"body not received in {limit} s")
 
     def _store_one(self, content: bytes, study: str | None, outcome: _Outcome) -> None:
         store = self.server.store
@@ -498,10 +546,14 @@ def start_stow_server(
     context = server_context(settings.listener.tls, on_error=on_tls_error)
     host = web.host if web.host is not None else settings.listener.host
     server = _Server(
-        (host, web.port), store, web, tokens, on_refused, settings.listener.max_associations
+        (host, web.port),
+        store,
+        web,
+        tokens,
+        on_refused,
+        settings.listener.max_associations,
+        context,
     )
-    if context is not None:
-        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, name="cxr-stow-rs", daemon=True)
     thread.start()
     scheme = "https" if context is not None else "http"

@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
+from requests import PreparedRequest, Response
+from requests.adapters import HTTPAdapter
 
 from cxr_pipeline.dicom import codes
 from cxr_pipeline.dicom.codes import AuditAction, AuditOutcome
@@ -78,6 +80,33 @@ def read_secret(path: Path | None, env: str | None, what: str) -> str | None:
     return None
 
 
+class _PinnedVerify(HTTPAdapter):
+    """An adapter that keeps the destination's own certificate check.
+
+    ``requests`` lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` in the environment
+    override a session's ``verify`` (psf/requests#3829), so a configured CA bundle (or
+    ``verify = false`` for a lab peer) would silently give way to whatever the host sets.
+    """
+
+    def __init__(self, verify: bool | str) -> None:
+        super().__init__()
+        self._verify = verify
+
+    def send(
+        self,
+        request: PreparedRequest,
+        stream: bool = False,
+        timeout: float | tuple[float | None, float | None] | None = None,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
+        proxies: dict[str, str] | None = None,
+    ) -> Response:
+        """Send with our ``verify``, whatever the environment merged in."""
+        return super().send(
+            request, stream=stream, timeout=timeout, verify=self._verify, cert=cert, proxies=proxies
+        )
+
+
 def session_for(destination: Destination) -> requests.Session:
     """Build a ``requests`` session with the destination's credentials and TLS.
 
@@ -112,6 +141,8 @@ def session_for(destination: Destination) -> requests.Session:
         if not tls.ca_certificates.is_file():
             raise ConfigError(f"DICOMweb tls.ca_certificates {tls.ca_certificates} not found")
         session.verify = str(tls.ca_certificates)
+    if session.verify is not True:
+        session.mount("https://", _PinnedVerify(session.verify))
     if tls.certificate is not None:
         key = None if tls.private_key is None else str(tls.private_key)
         session.cert = (str(tls.certificate), key) if key else str(tls.certificate)

@@ -14,7 +14,8 @@ takes them out as its decode processes have room. :class:`Retriever` works throu
 
 Every instance of the plan gets exactly one item: its file, or a failed row whose reason
 says why it is missing (the PACS was down, refused, or sent fewer instances than asked);
-a rerun retries those.
+a rerun retries those. Instances a multi-instance retrieve did not bring are asked for again
+one at a time, so one image the archive lost does not fail the others of its series.
 """
 
 from __future__ import annotations
@@ -310,6 +311,18 @@ class Retriever:
             return
         with self._lock:
             self._failures = 0
+        missing = [i for i in chunk if i.sop_instance_uid not in got.files]
+        if missing and len(chunk) > 1:
+            # Some archives (Orthanc) fail a whole multi-instance request for one instance
+            # they lost: ask for the missing ones one by one, so each costs only itself.
+            for instance in missing:
+                try:
+                    alone = self.source.retrieve(work.series, [instance], self.folder)
+                except RetrieveError as exc:
+                    got.detail = exc.detail
+                    continue
+                got.files.update(alone.files)
+                got.detail = alone.detail or got.detail
         for instance in chunk:
             path = got.files.get(instance.sop_instance_uid)
             if path is None:

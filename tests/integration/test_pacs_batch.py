@@ -202,14 +202,18 @@ def test_a_retrieve_short_of_what_was_announced_is_failed_then_picked_up(
         rows = {r.sop_instance_uid: r for r in first.rows}
         assert rows[gone.sop_instance_uid].status == "failed"
         assert rows[gone.sop_instance_uid].reason == "retrieve_failed"
-        assert "instances asked for" in rows[gone.sop_instance_uid].detail
+        assert "sent 0 of 1 instances asked for" in rows[gone.sop_instance_uid].detail
 
         pacs.upload(gone.path)
         second = run_remote(source, query, out, settings)
         source.close()
-        # The rerun fetched only what failed (at least the lost image), and finished it.
-        failed_first = {r.sop_instance_uid for r in first.rows if r.status == "failed"}
-        assert {r.sop_instance_uid for r in second.rows} == failed_first
+        # Only the lost image failed: the others of its series were asked for one by one.
+        assert [r.sop_instance_uid for r in first.rows if r.status == "failed"] == [
+            gone.sop_instance_uid
+        ]
+        assert rows[b1[1].sop_instance_uid].status == "done"
+        # The rerun fetched only what failed, and finished it.
+        assert [r.sop_instance_uid for r in second.rows] == [gone.sop_instance_uid]
         final = {r.sop_instance_uid: r.status for r in read_rows(out / JSONL_NAME)}
         assert all(final[i.sop_instance_uid] == "done" for i in b1)
 

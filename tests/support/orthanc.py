@@ -9,7 +9,13 @@ Usage::
 
 or the ``orthanc`` pytest fixture factory :func:`orthanc_factory`. Orthanc listens on
 127.0.0.1 only, without HTTP authentication, with a temporary storage folder, and is
-stopped (SIGTERM, then SIGKILL) when the block ends.
+stopped (SIGTERM, then SIGKILL) when the block ends (:meth:`OrthancServer.stop` /
+:meth:`~OrthancServer.start` stop and restart it in between, on the same ports and storage).
+
+Like a PACS that serves a query/retrieve client it has not registered, it answers C-FIND
+and C-GET from any AE title (``DicomAlwaysAllowFind`` / ``DicomAlwaysAllowGet``; C-MOVE
+still needs the destination in ``modalities``), and where Debian's ``orthanc-dicomweb`` is
+installed it serves QIDO/WADO/STOW-RS at :attr:`OrthancServer.dicomweb_url`.
 """
 
 from __future__ import annotations

@@ -66,13 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser of ``cxr-batch``."""
     parser = argparse.ArgumentParser(
         prog="cxr-batch",
-        description="Classify every chest radiograph under the given files and folders.",
+        description="Classify every chest radiograph under the given files and folders, or "
+        "every one a PACS query matches (--from-pacs, --from-dicomweb).",
     )
     parser.add_argument("inputs", nargs="*", type=Path, metavar="INPUT", help="files or folders")
     parser.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
     remote = parser.add_argument_group(
-        "retrospective run from a PACS (instead of INPUT; writes an SR and an SC per image "
-        "unless --write-sr or --write-sc names one)"
+        "retrospective run from a PACS (instead of INPUT; writes an SR and a heatmap SC per "
+        "image, as the listener does, unless --write-sr or --write-sc names what to write)"
     )
     remote.add_argument("--from-pacs", metavar="AE@HOST:PORT", help="query/retrieve over DICOM")
     remote.add_argument("--from-dicomweb", metavar="URL", help="QIDO-RS / WADO-RS base URL")
@@ -114,11 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _RateColumn(ProgressColumn):
-    """Images per second, from rich's own speed estimate."""
+    """Items per second, from rich's own speed estimate (the task's ``unit``, default img)."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("-- img/s" if speed is None else f"{speed:.1f} img/s", style="cyan")
+        unit = task.fields.get("unit", "img")
+        return Text(f"-- {unit}/s" if speed is None else f"{speed:.1f} {unit}/s", style="cyan")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,7 +223,9 @@ def _check_args(args: argparse.Namespace) -> bool:
         if not path.exists():
             raise ConfigError(f"input {path} is neither a file nor a folder")
     if remote and not (args.write_sr or args.write_sc):
-        args.write_sr = args.write_sc = True  # results are what a PACS run is for
+        # Results are what a PACS run is for: the listener's SR + heatmap SC by default
+        # (explain.method = "none" leaves the heatmap out).
+        args.write_sr = args.write_sc = args.heatmaps = True
     return remote
 
 
@@ -286,7 +290,7 @@ def _remote_run(
         service = parse_dicomweb_url(args.from_dicomweb, option="--from-dicomweb")
         source = DicomwebSource(service, settings.send)
     progress = _progress(err, args.no_progress)
-    studies = progress.add_task("studies", total=None)
+    studies = progress.add_task("studies", total=None, unit="studies")
     images = progress.add_task("images", total=None, visible=False)
     outstanding: dict[str, int] = {}
 

@@ -77,7 +77,7 @@ def test_qido_wado_in_and_stow_out_then_a_rerun_adds_nothing(
         args = ["--from-dicomweb", pacs.dicomweb_url, "--study-date", RANGE_B, "--out", str(out)]
         args += ["--send-stow", pacs.dicomweb_url]
         args += ["--checkpoint", str(tiny_checkpoint), "--workers", "1"]
-        first = _cli(*args)
+        first = _cli(*args, "--images-per-minute", "600")  # one image per 0.1 s at most
         assert first.returncode == 0, first.stderr[-3000:]
         rows = {r.sop_instance_uid: r for r in read_rows(out / JSONL_NAME)}
         assert {uid for uid, r in rows.items() if r.status == "done"} == chest_b

@@ -154,6 +154,7 @@ def test_c_move_to_the_runs_own_storage_scp(
             "--from-pacs", pacs.address, "--study-date", RANGE_B, "--out", str(out),
             "--retrieve", "move", "--move-dest", "CXR_PIPELINE", "--move-port", str(move_port),
             "--checkpoint", str(tiny_checkpoint), "--workers", "1",
+            "--max-concurrent-retrievals", "2",
         )  # fmt: skip
         assert moved.returncode == 0, moved.stderr[-3000:]
         rows = {r.sop_instance_uid: r for r in read_rows(out / JSONL_NAME)}

@@ -28,6 +28,8 @@ class Reason(StrEnum):
     CHECKPOINT_ERROR = "checkpoint_error"
     ENCODE_ERROR = "encode_error"
     SEND_FAILED = "send_failed"
+    QUERY_FAILED = "query_failed"
+    RETRIEVE_FAILED = "retrieve_failed"
     QUEUE_UNAVAILABLE = "queue_unavailable"
     CONFIG_ERROR = "config_error"
     INVALID_UID = "invalid_uid"
@@ -166,6 +168,18 @@ class SendError(RetryableError):
     """A C-STORE to a destination failed (association refused, timeout, failure status)."""
 
     reason = Reason.SEND_FAILED
+
+
+class QueryError(RetryableError):
+    """A C-FIND or QIDO-RS query to the PACS failed (unreachable, refused, aborted)."""
+
+    reason = Reason.QUERY_FAILED
+
+
+class RetrieveError(RetryableError):
+    """A C-GET / C-MOVE / WADO-RS retrieve failed or returned fewer instances than asked."""
+
+    reason = Reason.RETRIEVE_FAILED
 
 
 class QueueUnavailable(RetryableError):

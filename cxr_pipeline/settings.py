@@ -15,8 +15,16 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cxr_pipeline.errors import ConfigError
@@ -167,6 +175,34 @@ class PeerTlsSettings(_Section):
     """Name expected in the peer's certificate (and sent as SNI). None: the peer's host."""
 
 
+class DicomwebListenerSettings(_Section):
+    """STOW-RS in: ``cxr-listen`` takes ``POST /studies`` (multipart/related) over HTTP(S).
+
+    Each instance goes through the C-STORE path's checks, spool and ledger; HTTPS uses
+    ``listener.tls`` (its certificate, key and client-certificate policy).
+    """
+
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """TCP port of the STOW-RS endpoint; None (default): off. 0 lets the system pick one."""
+    host: str | None = None
+    """Address to bind; None: ``listener.host``."""
+    tokens_file: Path | None = None
+    """File of accepted bearer tokens, one per line (``#`` comments and blank lines
+    ignored). Read at start; never put tokens on the command line."""
+    tokens_env: str | None = None
+    """Name of an environment variable holding accepted bearer tokens (whitespace or comma
+    separated), e.g. ``CXR_STOW_TOKENS``."""
+    allow_anonymous: bool = False
+    """Accept requests without a token. Only for a lab: with no token source configured the
+    endpoint refuses to start unless this is true."""
+    max_body_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    """Largest request body (Content-Length); larger requests get 413 before any byte of the
+    body is read."""
+    timeout_s: float = Field(default=60.0, gt=0.0)
+    """Longest time a request may take to arrive (headers and body), and the idle timeout of
+    each read; a slower client gets 408 and nothing it sent is stored."""
+
+
 class ListenerSettings(_Section):
     """The C-STORE SCP (``cxr-listen``)."""
 
@@ -187,6 +223,8 @@ class ListenerSettings(_Section):
     keep_received_files: bool = False
     """Keep spooled received files after their job is done or skipped (audit, debugging)."""
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    dicomweb: DicomwebListenerSettings = Field(default_factory=DicomwebListenerSettings)
+    """STOW-RS in (``POST /studies``): off unless ``port`` is set."""
 
 
 class WorkerSettings(_Section):
@@ -225,14 +263,56 @@ class WorkerSettings(_Section):
     from a dead one), and the listener's sweep leaves that row alone."""
 
 
-class Destination(_Section):
-    """A DICOM peer results are sent to."""
+class HttpAuthSettings(_Section):
+    """Credentials of a DICOMweb peer.
 
-    ae_title: str
-    host: str
-    port: int
+    Read from a file or the environment when used, never from the command line or from
+    the settings file itself.
+    """
+
+    bearer_token_file: Path | None = None
+    """File holding the bearer token (its first line)."""
+    bearer_token_env: str | None = None
+    """Environment variable holding the bearer token."""
+    username: str | None = None
+    """User name for HTTP basic authentication (with ``password_file`` / ``password_env``)."""
+    password_file: Path | None = None
+    """File holding the basic-authentication password (its first line)."""
+    password_env: str | None = None
+    """Environment variable holding the basic-authentication password."""
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> HttpAuthSettings:
+        token = self.bearer_token_file is not None or self.bearer_token_env is not None
+        password = self.password_file is not None or self.password_env is not None
+        if token and (password or self.username):
+            raise ValueError("auth: a bearer token or basic authentication, not both")
+        if password != (self.username is not None):
+            raise ValueError("auth: basic authentication needs username and a password source")
+        return self
+
+
+DestinationKind = Literal["dimse", "dicomweb"]
+"""How results reach a destination: DICOM C-STORE or DICOMweb STOW-RS."""
+
+
+class Destination(_Section):
+    """A peer results are sent to: a DICOM AE (C-STORE) or a DICOMweb service (STOW-RS)."""
+
+    kind: DestinationKind = "dimse"
+    """``dimse`` (ae_title, host, port) or ``dicomweb`` (url, auth)."""
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(default=0, ge=0, le=65535)
+    url: str | None = None
+    """DICOMweb base URL (``kind = "dicomweb"``), e.g. ``https://pacs/dicom-web``; STOW-RS
+    posts to ``<url>/studies``. No credentials in it: use ``auth``."""
+    auth: HttpAuthSettings = Field(default_factory=HttpAuthSettings)
+    """DICOMweb credentials (bearer token or basic authentication); none by default."""
     tls: PeerTlsSettings = Field(default_factory=PeerTlsSettings)
-    """DICOM TLS when sending to this peer (off by default)."""
+    """DICOM TLS when sending to this peer (off by default). For ``dicomweb`` only its
+    ``ca_certificates``, ``certificate``/``private_key`` and ``verify`` apply, to an
+    ``https`` URL, whose certificate is verified unless ``verify = false``."""
     addresses: list[str] = Field(default_factory=list)
     """Known peers: host addresses or networks (``10.1.2.3``, ``10.1.0.0/16``, ``::1``) this
     AE title may call from. Empty: any address (storescp's default). Otherwise the listener
@@ -248,6 +328,53 @@ class Destination(_Section):
             except ValueError as exc:
                 raise ValueError(f"not an IP address or network: {text!r}") from exc
         return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> Destination:
+        if self.kind == "dicomweb":
+            if self.url is None:
+                raise ValueError("a dicomweb destination needs url")
+            check_dicomweb_url(self.url)
+        elif not (self.ae_title and self.host and self.port):
+            raise ValueError("a dimse destination needs ae_title, host and port (1-65535)")
+        elif len(self.ae_title) > 16:
+            raise ValueError(f"AE title {self.ae_title!r} is longer than 16 characters")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The peer for people and logs: ``AE@host:port`` or the URL (no credentials)."""
+        if self.kind == "dicomweb":
+            return str(self.url)
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def check_dicomweb_url(url: str) -> str:
+    """Check a DICOMweb base URL: http(s), a host, no credentials, query or fragment.
+
+    Parameters
+    ----------
+    url
+        For example ``http://127.0.0.1:8042/dicom-web``.
+
+    Returns
+    -------
+    str
+        The URL without a trailing ``/``.
+
+    Raises
+    ------
+    ValueError
+        Not such a URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL with a host: {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials in a URL are refused: use the destination's auth table")
+    if parts.query or parts.fragment:
+        raise ValueError(f"a DICOMweb base URL has no query or fragment: {url!r}")
+    return url.rstrip("/")
 
 
 def parse_destination(text: str, *, option: str = "--send") -> Destination:
@@ -281,6 +408,33 @@ def parse_destination(text: str, *, option: str = "--send") -> Destination:
     return Destination(ae_title=ae_title, host=host, port=port)
 
 
+def parse_dicomweb_url(text: str, *, option: str = "--send-stow") -> Destination:
+    """Parse a DICOMweb base URL given on the command line into a ``dicomweb`` destination.
+
+    Parameters
+    ----------
+    text
+        For example ``http://127.0.0.1:8042/dicom-web``.
+    option
+        The option's name, quoted in the error message.
+
+    Returns
+    -------
+    Destination
+        ``kind = "dicomweb"``, no credentials (a configured destination with the same URL
+        lends its ``auth`` and ``tls``: :func:`cxr_pipeline.service.send.configured_peer`).
+
+    Raises
+    ------
+    ConfigError
+        Not an http(s) URL with a host, or it carries credentials.
+    """
+    try:
+        return Destination(kind="dicomweb", url=check_dicomweb_url(text))
+    except (ValueError, ValidationError) as exc:
+        raise ConfigError(f"{option}: {exc}") from exc
+
+
 class SendSettings(_Section):
     """C-STORE SCU of results."""
 
@@ -298,6 +452,15 @@ class SendSettings(_Section):
     """Longest wait between attempts."""
     timeout_s: float = Field(default=30.0, gt=0.0)
     """Association, DIMSE and network timeout of each attempt."""
+
+    @model_validator(mode="after")
+    def _peers_are_dimse(self) -> SendSettings:
+        if any(peer.kind != "dimse" for peer in self.known_peers):
+            raise ValueError(
+                "send.known_peers are DICOM AEs (kind dimse); DICOMweb "
+                "services go in send.destinations"
+            )
+        return self
 
 
 class AuditSettings(_Section):
@@ -361,6 +524,27 @@ class BatchSettings(_Section):
     """How decode processes start (never plain fork: the main process holds the model)."""
     retry_failed: bool = False
     """On a resumed run, process again the files whose earlier row says failed."""
+    max_concurrent_retrievals: int = Field(default=1, ge=1)
+    """PACS runs (``--from-pacs``, ``--from-dicomweb``): series retrieved at the same time.
+    One by default: a production PACS serves its users first."""
+    images_per_minute: float | None = Field(default=None, gt=0.0)
+    """PACS runs: most images retrieved per minute (None: as fast as the PACS sends)."""
+    retrieve: Literal["get", "move"] = "get"
+    """PACS runs: C-GET (needs nothing configured at the PACS beyond query/retrieve rights
+    for our AE title) or C-MOVE to the storage SCP the run starts (the PACS must know
+    ``move_ae_title`` at this host and ``move_port``)."""
+    move_ae_title: str | None = Field(default=None, min_length=1, max_length=16)
+    """C-MOVE destination AE title (our storage SCP for the run)."""
+    move_host: str = "0.0.0.0"
+    """Address the run's C-MOVE storage SCP binds."""
+    move_port: int = Field(default=11113, ge=0, le=65535)
+    """TCP port of the run's C-MOVE storage SCP (0: any free port, for tests)."""
+    keep_retrieved: bool = False
+    """PACS runs: keep the retrieved images under ``<out>/retrieved/`` (default: each is
+    deleted once its row is written)."""
+    max_consecutive_failures: int = Field(default=3, ge=1)
+    """PACS runs: after this many retrieves in a row fail to reach the PACS, the rest of
+    the run is not attempted (its images get failed rows; a rerun picks them up)."""
 
 
 class Settings(BaseSettings):

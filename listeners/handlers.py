@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -16,7 +17,7 @@ from pynetdicom.events import Event
 
 from cxr_pipeline.dicom.codes import DimseStatus
 from cxr_pipeline.dicom.ingest import check_chest_radiograph
-from cxr_pipeline.errors import InvalidUid, RejectedInput
+from cxr_pipeline.errors import InvalidUid, Reason, RejectedInput
 from cxr_pipeline.service import metrics
 from cxr_pipeline.service.ledger import JobState, Ledger
 from cxr_pipeline.service.spool import Spool, validate_uid
@@ -28,6 +29,26 @@ log = logging.getLogger(__name__)
 
 def _calling_ae(event: Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The outcome of :meth:`StoreHandler.admit` for one object.
+
+    Attributes
+    ----------
+    status
+        The C-STORE status (Success once spooled and recorded).
+    skipped
+        Why it was recorded but not analysed (not a chest radiograph...); empty when it
+        was queued for analysis (or refused).
+    reason
+        The reason code of ``skipped`` when this call decided it.
+    """
+
+    status: int
+    skipped: str = ""
+    reason: Reason | None = None
 
 
 @dataclass
@@ -84,6 +105,22 @@ class StoreHandler:
         int
             The C-STORE status.
         """
+        if not self.has_room(uid):
+            return DimseStatus.OUT_OF_RESOURCES
+        # Parse the header first: a data set pydicom cannot read is refused, not spooled.
+        ds: Dataset = event.dataset
+        mismatch = _command_mismatch(event, ds, uid)
+        if mismatch is not None:
+            log.error("C-STORE of %s refused: data set %s differs from the command", uid, mismatch)
+            return DimseStatus.DATASET_DOES_NOT_MATCH
+        # The object exactly as received (file meta + data set in the accepted transfer
+        # syntax), on disk and fsynced before we answer Success.
+        return self.admit(
+            uid, ds, lambda: event.encoded_dataset(include_meta=True), _calling_ae(event)
+        ).status
+
+    def has_room(self, uid: str) -> bool:
+        """Whether the spool is above its free-space watermark (logs a refusal if not)."""
         free = self.spool.free_bytes()
         if free < self.settings.listener.min_free_bytes:
             log.error(
@@ -92,13 +129,34 @@ class StoreHandler:
                 self.settings.listener.min_free_bytes,
                 uid,
             )
-            return DimseStatus.OUT_OF_RESOURCES
-        # Parse the header first: a data set pydicom cannot read is refused, not spooled.
-        ds: Dataset = event.dataset
-        mismatch = _command_mismatch(event, ds, uid)
-        if mismatch is not None:
-            log.error("C-STORE of %s refused: data set %s differs from the command", uid, mismatch)
-            return DimseStatus.DATASET_DOES_NOT_MATCH
+            return False
+        return True
+
+    def admit(
+        self, uid: str, ds: Dataset, encoded: Callable[[], bytes], calling_ae: str
+    ) -> Admission:
+        """Check, spool durably, record and enqueue one parsed object.
+
+        The one path every way in shares (C-STORE and STOW-RS): the answer is Success only
+        once the file is fsynced in the spool and its ledger row written.
+
+        Parameters
+        ----------
+        uid
+            Its validated SOP Instance UID.
+        ds
+            The parsed data set (header at least).
+        encoded
+            Returns the complete Part 10 file to spool (called once, after the checks).
+        calling_ae
+            Who sent it (the ledger's calling AE: an AE title, or ``STOW-RS``).
+
+        Returns
+        -------
+        Admission
+            The status, and why the object was not analysed when it was recorded as
+            skipped (or was already known as skipped).
+        """
         # Decide before anything is written: an unexpected error while reading the header
         # is then refused (0xC210) with nothing spooled or recorded, instead of leaving a
         # RECEIVED row behind a failure status (which a re-enqueue sweep would pick up).
@@ -107,18 +165,15 @@ class StoreHandler:
             check_chest_radiograph(ds, self.settings.ingest)
         except RejectedInput as exc:
             rejection = exc
-        # The object exactly as received (file meta + data set in the accepted transfer
-        # syntax), on disk and fsynced before we answer Success.
-        encoded = event.encoded_dataset(include_meta=True)
+        data = encoded()
         try:
-            path = self.spool.store(uid, lambda handle: handle.write(encoded))
+            path = self.spool.store(uid, lambda handle: handle.write(data))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 log.error("spool full while storing %s: refusing", uid)
-                return DimseStatus.OUT_OF_RESOURCES
+                return Admission(DimseStatus.OUT_OF_RESOURCES)
             raise
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
-        calling_ae = _calling_ae(event)
         if not self.ledger.record_received(
             uid, study_uid=study_uid, calling_ae=calling_ae, spool_path=path
         ):
@@ -129,13 +184,13 @@ class StoreHandler:
             log.info("%s from %s skipped: %s", uid, calling_ae, rejection.reason.value)
             if not self.settings.listener.keep_received_files:
                 self.spool.remove(uid)
-            return DimseStatus.SUCCESS
+            return Admission(DimseStatus.SUCCESS, skipped=str(rejection), reason=rejection.reason)
         self.queue.enqueue(uid)
         metrics.ACCEPTED.inc()
         log.info("%s from %s received and queued", uid, calling_ae)
-        return DimseStatus.SUCCESS
+        return Admission(DimseStatus.SUCCESS)
 
-    def _known(self, uid: str) -> int:
+    def _known(self, uid: str) -> Admission:
         """Handle a re-sent object: finished jobs stay finished, failed ones run again."""
         record = self.ledger.get(uid)
         state = record.state if record is not None else None
@@ -149,7 +204,9 @@ class StoreHandler:
                 self.settings.listener.keep_received_files
             ):
                 self.spool.remove(uid)
-        return DimseStatus.SUCCESS
+        if state is JobState.SKIPPED and record is not None:
+            return Admission(DimseStatus.SUCCESS, skipped=record.reason or "skipped")
+        return Admission(DimseStatus.SUCCESS)
 
 
 def _command_mismatch(event: Event, ds: Dataset, uid: str) -> str | None:

@@ -1,5 +1,8 @@
 """``cxr-listen``: the C-STORE SCP that receives chest radiographs from a PACS.
 
+With ``--dicomweb-port`` (``listener.dicomweb.port``) it also takes STOW-RS
+(:mod:`listeners.stow`), through the same admission as C-STORE.
+
 Accepts Verification and every storage SOP class (chest radiographs are analysed;
 anything else auto-routed here is acknowledged and recorded as skipped) in the
 transfer syntaxes we decode. Calling AE allow-list, optional Called AE check, maximum
@@ -40,6 +43,7 @@ from cxr_pipeline.settings import Settings, load_settings, parse_destination
 from listeners.handlers import StoreHandler, handle_echo
 from listeners.security import EdgeGuard
 from listeners.server import pdu_inspector, start_guarded_server
+from listeners.stow import StowServer, start_stow_server
 from listeners.tls import server_context
 from workers.factory import make_queue
 from workers.queue import JobQueue, ledger_path, spool_root
@@ -111,6 +115,7 @@ class Service:
     metrics: MetricsServer | None = None
     guard: EdgeGuard | None = None
     watchdog: threading.Event | None = None
+    stow: StowServer | None = None
 
     @property
     def port(self) -> int:
@@ -133,6 +138,8 @@ class Service:
         """Stop accepting associations, then let the queue finish and close."""
         if self.watchdog is not None:
             self.watchdog.set()
+        if self.stow is not None:
+            self.stow.stop()
         self.server.shutdown()
         self.queue.close()
         if self.metrics is not None:
@@ -178,6 +185,7 @@ def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Servi
     listener = settings.listener
     # Issue 14: peers by address, audit trail, reasoned refusals (listeners/security.py).
     guard = EdgeGuard(settings, trail_for(settings), ledger)
+    store = StoreHandler(settings, spool, ledger, queue)
     try:
         # pynetdicom's server with socket timeouts, a request deadline and a PDU length
         # bound (listeners/server.py; hostile clients at the socket, issue 14).
@@ -185,7 +193,7 @@ def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Servi
             ae,
             (listener.host, listener.port),
             evt_handlers=[
-                (evt.EVT_C_STORE, guard.wrap_store(StoreHandler(settings, spool, ledger, queue))),
+                (evt.EVT_C_STORE, guard.wrap_store(store)),
                 (evt.EVT_C_ECHO, handle_echo),
                 *guard.handlers(),
             ],
@@ -203,6 +211,14 @@ def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Servi
     service = Service(settings=settings, server=server, queue=queue, ledger=ledger, spool=spool)
     service.guard, service.watchdog = guard, watchdog
     guard.application(started=True)
+    try:
+        # STOW-RS in (issue 20): the same admission as C-STORE, off unless configured.
+        service.stow = start_stow_server(
+            settings, store, on_refused=guard.connection_refused, on_tls_error=guard.tls_error
+        )
+    except BaseException:
+        service.stop()
+        raise
     endpoint = settings.metrics
     if endpoint.port is not None:
         try:
@@ -247,6 +263,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", help="logging level (default: log_level)")
     parser.add_argument(
+        "--dicomweb-port",
+        type=int,
+        help="take STOW-RS (POST /studies) on this port (default: listener.dicomweb.port, off)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         help="serve Prometheus /metrics and /healthz on this port (default: metrics.port)",
@@ -272,6 +293,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         value = getattr(args, option)
         if value is not None:
             listener[key] = value
+    if args.dicomweb_port is not None:
+        listener["dicomweb"] = {"port": args.dicomweb_port}
     overrides: dict[str, Any] = {}
     if listener:
         overrides["listener"] = listener
@@ -325,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Machines and tests parse this line to know the listener is ready.
     print(f"cxr-listen ready on port {service.port}", flush=True)
     print(f"cxr-listen: {describe_routing(settings.send, service.spool.kept)}", flush=True)
+    if service.stow is not None:
+        scheme = "https" if service.stow.tls else "http"
+        print(f"cxr-listen: STOW-RS on {scheme}://<host>:{service.stow.port}/studies", flush=True)
     if service.metrics is not None:
         where = f"http://{settings.metrics.host}:{service.metrics.port}"
         print(f"cxr-listen: metrics on {where}/metrics, health on {where}/healthz", flush=True)

@@ -12,7 +12,7 @@ import csv
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -84,8 +84,9 @@ class Row:
 
     @classmethod
     def for_file(cls, item: InputFile, **values: Any) -> Row:
-        """Start a row for a walked file."""
-        return cls(path=str(item.path), size=item.size, mtime_ns=item.mtime_ns, **values)
+        """Start a row for a walked file (a retrieved one is named by where it came from)."""
+        path = item.source or str(item.path)
+        return cls(path=path, size=item.size, mtime_ns=item.mtime_ns, **values)
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -184,7 +185,12 @@ class ReportWriter:
 
     @classmethod
     def open(
-        cls, out_dir: Path, current: Iterable[InputFile] = (), *, retry_failed: bool = False
+        cls,
+        out_dir: Path,
+        current: Iterable[InputFile] = (),
+        *,
+        retry_failed: bool = False,
+        redo: Callable[[Row], bool] | None = None,
     ) -> ReportWriter:
         """Open (or create) the report of an output folder, ready to resume.
 
@@ -202,6 +208,9 @@ class ReportWriter:
             The files of this run.
         retry_failed
             Do failed files again.
+        redo
+            Also drop the earlier rows it says yes to (a PACS run: failed retrieves of the
+            studies it matches again).
 
         Returns
         -------
@@ -220,6 +229,8 @@ class ReportWriter:
             if now is not None and now != row.key:
                 continue
             if retry_failed and row.status == Status.FAILED:
+                continue
+            if redo is not None and redo(row):
                 continue
             kept.append(row)
 

@@ -31,6 +31,7 @@ from cxr_pipeline.batch.decode import (
 )
 from cxr_pipeline.batch.handoff import Handoff, decode_to_shared_memory, take
 from cxr_pipeline.batch.report import ReportWriter, Row, Status, Summary
+from cxr_pipeline.batch.retrieval import Feed
 from cxr_pipeline.batch.walker import FileKind, InputFile, walk
 from cxr_pipeline.encode.secondary_capture import build_secondary_capture
 from cxr_pipeline.encode.structured_report import build_structured_report
@@ -112,8 +113,23 @@ def decode_pool(settings: Settings, workers: int) -> ProcessPoolExecutor:
     return executor
 
 
-class _Run:
-    """State of one run: the report, the model, the options."""
+class RunContext:
+    """State of one run: the report, the model, the options.
+
+    Parameters
+    ----------
+    settings, options
+        What to do.
+    report, summary
+        Where rows go.
+    predictor
+        The loaded model.
+    on_row
+        Called after each row is written.
+    on_item_done
+        Called with the input file of each row once it is written (a PACS run deletes the
+        retrieved file and makes room for the next).
+    """
 
     def __init__(
         self,
@@ -123,6 +139,7 @@ class _Run:
         predictor: Predictor,
         summary: Summary,
         on_row: RowHook | None,
+        on_item_done: Callable[[InputFile], None] | None = None,
     ) -> None:
         self.settings = settings
         self.options = options
@@ -130,15 +147,20 @@ class _Run:
         self.predictor = predictor
         self.summary = summary
         self.on_row = on_row
+        self.on_item_done = on_item_done
         self.out_dir = report.out_dir
 
-    def emit(self, row: Row) -> None:
+    def emit(self, row: Row, item: InputFile | None = None) -> None:
+        """Write one row (and let go of its input file)."""
         self.report.write(row)
         self.summary.add(row)
+        if item is not None and self.on_item_done is not None:
+            self.on_item_done(item)
         if self.on_row is not None:
             self.on_row(row)
 
     def emit_unanalysed(self, decoded: Decoded) -> None:
+        """Write the row of a file that was skipped or failed before the model."""
         self.emit(
             Row.for_file(
                 decoded.item,
@@ -150,7 +172,8 @@ class _Run:
                 study_instance_uid=decoded.study_instance_uid,
                 series_instance_uid=decoded.series_instance_uid,
                 decode_ms=round(decoded.decode_ms, 3),
-            )
+            ),
+            decoded.item,
         )
 
     def classify(self, batch: list[Decoded]) -> None:
@@ -195,7 +218,7 @@ class _Run:
             except Exception as exc:  # an encoder bug must not stop the batch either
                 row.status, row.reason = Status.FAILED.value, Reason.ENCODE_ERROR.value
                 row.detail = f"{type(exc).__name__}: {str(exc)[:200]}"
-            self.emit(row)
+            self.emit(row, decoded.item)
 
     def finish(self, decoded: Decoded, finding: Finding, row: Row) -> None:
         """Heatmap, SR, SC, send for one classified file, as the options ask."""
@@ -307,8 +330,8 @@ def run_batch(
             executor = decode_pool(settings, decode_workers(settings))
             try:
                 predictor = predictor or Predictor.from_settings(settings.model)
-                run = _Run(settings, options, report, predictor, summary, on_row)
-                _process(run, todo, executor)
+                run = RunContext(settings, options, report, predictor, summary, on_row)
+                process_feed(run, Feed.of(todo), executor)
             except KeyboardInterrupt:
                 summary.interrupted = True
             finally:
@@ -318,7 +341,24 @@ def run_batch(
     return summary
 
 
-def _process(run: _Run, todo: list[InputFile], executor: ProcessPoolExecutor) -> None:
+FEED_POLL_S = 0.2
+"""How long the run loop waits for the decode processes before it looks at the feed again,
+while retrieval may still bring files."""
+
+
+def process_feed(run: RunContext, feed: Feed, executor: ProcessPoolExecutor) -> None:
+    """Decode, classify and report every item of a feed until it is finished.
+
+    Parameters
+    ----------
+    run
+        The run's report, model and options.
+    feed
+        Files to analyse and rows to write as they are; a folder run's is closed and full
+        from the start, a PACS run's fills as retrieval goes on.
+    executor
+        The decode processes (replaced if one of them dies).
+    """
     settings, options = run.settings, run.options
     workers = decode_workers(settings)
     batch_size = max(1, settings.batch.batch_size)
@@ -344,20 +384,40 @@ def _process(run: _Run, todo: list[InputFile], executor: ProcessPoolExecutor) ->
             keep_header=options.write_sr,
         )
 
-    queue = list(reversed(todo))  # pop() from the end keeps walk order
+    retry: list[InputFile] = []  # files of a crashed pool, before anything new
     attempts: dict[InputFile, int] = {}
     ready: list[Decoded] = []
     start = time.perf_counter()
     pending: dict[Future[Handoff], InputFile] = {}
+
+    def next_item(timeout: float | None) -> InputFile | None:
+        while retry or not feed.finished:
+            if retry:
+                return retry.pop()
+            item = feed.take(timeout)
+            if item is None:
+                return None
+            if isinstance(item, Row):
+                run.emit(item)
+                continue
+            return item
+        return None
+
     try:
-        while queue or pending or ready:
-            while queue and len(pending) < in_flight:
-                item = queue.pop()
+        while pending or ready or retry or not feed.finished:
+            while len(pending) < in_flight:
+                # Nothing decoding and nothing to classify: wait for retrieval.
+                idle = not pending and not ready
+                item = next_item(FEED_POLL_S if idle else 0.0)
+                if item is None:
+                    break
                 pending[executor.submit(decode_to_shared_memory, job(item))] = item
             if pending:
-                # Block only when the model has nothing to do; otherwise just collect.
+                # Block only when the model has nothing to do and no file can arrive;
+                # otherwise just collect, or look at the feed again soon.
                 block = len(ready) < batch_size
-                done, _ = wait(pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+                timeout = (None if feed.finished else FEED_POLL_S) if block else 0
+                done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
                 broken: list[InputFile] = []
                 for future in done:
                     item = pending.pop(future)
@@ -384,9 +444,10 @@ def _process(run: _Run, todo: list[InputFile], executor: ProcessPoolExecutor) ->
                         if attempts[item] >= MAX_DECODE_ATTEMPTS:
                             run.emit_unanalysed(_crashed(item))
                         else:
-                            queue.append(item)
-            if len(ready) >= batch_size or (ready and not pending and not queue):
-                decoding = bool(pending or queue)
+                            retry.append(item)
+            # A partial batch runs as soon as nothing else is decoding or waiting.
+            if len(ready) >= batch_size or (ready and not pending and not retry and feed.empty):
+                decoding = bool(pending or retry or not feed.finished)
                 torch.set_num_threads(model_threads(settings, workers, decoding=decoding))
                 run.classify(ready[:batch_size])
                 del ready[:batch_size]

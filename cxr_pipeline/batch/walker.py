@@ -50,11 +50,15 @@ class InputFile:
         Size in bytes when walked.
     mtime_ns
         Modification time in nanoseconds when walked.
+    source
+        Where a file retrieved from a PACS lives there (its report row's ``path``); empty
+        for a walked file.
     """
 
     path: Path
     size: int
     mtime_ns: int
+    source: str = ""
 
     @property
     def key(self) -> tuple[str, int, int]:

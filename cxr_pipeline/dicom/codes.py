@@ -183,6 +183,9 @@ class DimseStatus:
     Instance UID differs from the C-STORE command's Affected SOP Class/Instance UID)."""
     CANNOT_UNDERSTAND = 0xC210
     """Error: Cannot understand (the 0xCxxx class): an unexpected failure while storing."""
+    NOT_AUTHORIZED = 0x0124
+    """Refused: Not Authorized (PS3.7 C.4): an instance a retrieve of ours did not ask for,
+    arriving at cxr-batch's C-GET / C-MOVE storage handler."""
     WARNING_COERCION = 0xB000
     WARNING_ELEMENTS_DISCARDED = 0xB006
     WARNING_DATASET_MISMATCH = 0xB007
@@ -282,3 +285,86 @@ AUDIT_PARTICIPANT_ROLE_SECURITY_RESOURCE = "13"
 """ParticipantObjectTypeCodeRole: Security Resource (the node of a Security Alert)."""
 AUDIT_SOURCE_APPLICATION_SERVER = Code("4", "DCM", "Application Server")
 """AuditSourceTypeCode (RFC 3881 / PS3.15 A.5.1): an application server process."""
+
+# --------------------------------------------------------------------------------------
+# Query/Retrieve (PS3.4 Annex C): cxr-batch --from-pacs (cxr_pipeline/batch/pacs.py)
+# --------------------------------------------------------------------------------------
+
+
+class QueryRetrieveModel(StrEnum):
+    """Study Root Query/Retrieve Information Model SOP classes (PS3.4 C.6.2)."""
+
+    FIND = _sop.StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+    GET = _sop.StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
+    MOVE = _sop.StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
+
+
+class QueryLevel(StrEnum):
+    """Query/Retrieve Level (0008,0052) values of the Study Root model."""
+
+    STUDY = "STUDY"
+    SERIES = "SERIES"
+    IMAGE = "IMAGE"
+
+
+class QueryRetrieveStatus:
+    """C-FIND / C-GET / C-MOVE status values (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4)."""
+
+    SUCCESS = 0x0000
+    PENDING = 0xFF00
+    PENDING_WARNING = 0xFF01
+    """Pending, but optional keys were not supported for existence or matching."""
+    CANCEL = 0xFE00
+    SUB_OPERATIONS_WARNING = 0xB000
+    """Sub-operations complete, one or more failures or warnings."""
+    OUT_OF_RESOURCES_MATCHES = 0xA701
+    OUT_OF_RESOURCES_SUB_OPERATIONS = 0xA702
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    IDENTIFIER_DOES_NOT_MATCH = 0xA900
+
+
+QUERY_PENDING_STATUSES: frozenset[int] = frozenset(
+    {QueryRetrieveStatus.PENDING, QueryRetrieveStatus.PENDING_WARNING}
+)
+"""Statuses of a C-FIND / C-GET / C-MOVE response that more responses follow."""
+
+# --------------------------------------------------------------------------------------
+# DICOMweb (PS3.18): STOW-RS in (listeners/stow.py), STOW/QIDO/WADO-RS out
+# (cxr_pipeline/service/dicomweb.py, cxr_pipeline/batch/web_source.py)
+# --------------------------------------------------------------------------------------
+
+MEDIA_TYPE_DICOM = "application/dicom"
+"""Media type of one Part 10 instance (a part of a STOW-RS request)."""
+MEDIA_TYPE_DICOM_JSON = "application/dicom+json"
+"""Media type of the STOW-RS response (PS3.18 F.2)."""
+MEDIA_TYPE_MULTIPART_RELATED = "multipart/related"
+"""Media type of a STOW-RS request body (PS3.18 10.5.1)."""
+
+
+class StowFailureReason:
+    """Failure Reason (0008,1197) values of a STOW-RS FailedSOPSequence item.
+
+    PS3.18 10.5.3 takes them from the C-STORE status codes of PS3.4 B.2.3.
+    """
+
+    PROCESSING_FAILURE = 0x0110
+    """The instance could not be stored (e.g. an unexpected error while spooling)."""
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    """Referenced SOP Class not supported: an object without pixel data (SR, presentation
+    state...), recorded as skipped but never analysed."""
+    OUT_OF_RESOURCES = 0xA700
+    """The spool is below its free-space watermark."""
+    DATASET_DOES_NOT_MATCH = 0xA900
+    """The data set does not match its SOP class, or its study differs from the URL's."""
+    CANNOT_UNDERSTAND = 0xC000
+    """The part cannot be parsed as a DICOM data set."""
+    NOT_ANALYSED = 0xC001
+    """Recorded but not analysed: an image that is not a chest radiograph (the C-STORE
+    path acknowledges these and records them as skipped). In the 0xCxxx "cannot
+    understand" class, whose low bits PS3.4 leaves to the implementation; the reason in
+    words goes in a ``Warning`` response header (PS3.18 8.3.5.1)."""
+
+
+STOW_WARNING_CODE = 299
+"""warn-code of the ``Warning`` header fields a STOW-RS response carries (PS3.18 8.3.5.1:
+"299 <agent>: <text>", one per instance not stored or not analysed)."""

@@ -123,7 +123,7 @@ def send_with_retries(
                 "send attempt %d/%d to %s failed (%s); retrying in %.1f s",
                 attempt,
                 settings.max_attempts,
-                destination.ae_title,
+                destination.label,
                 exc.detail,
                 delays[attempt - 1],
             )

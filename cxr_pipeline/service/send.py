@@ -1,5 +1,8 @@
 """C-STORE SCU: send result objects (SR, SC) to a DICOM peer with pynetdicom.
 
+A destination of kind ``dicomweb`` gets them by STOW-RS instead
+(:mod:`cxr_pipeline.service.dicomweb`).
+
 One association per call. Each dataset's SOP class is proposed in one presentation
 context per own transfer syntax, plus one with Explicit and Implicit VR Little Endian
 as the fallback (separate contexts, because an acceptor picks by its own preference
@@ -35,6 +38,7 @@ from cxr_pipeline.dicom.codes import STORE_SUCCESS_STATUSES, AuditAction, AuditO
 from cxr_pipeline.dicom.decode import transfer_syntax_of
 from cxr_pipeline.errors import SendError
 from cxr_pipeline.service.audit import AuditTrail, Participant, StudyTransfer
+from cxr_pipeline.service.dicomweb import stow_datasets
 from cxr_pipeline.service.tls import describe_tls_error, peer_context
 from cxr_pipeline.settings import Destination, SendSettings
 
@@ -93,10 +97,10 @@ def describe_routing(settings: SendSettings, kept_dir: Path) -> str:
         For people; contains AE titles, hosts and ports only.
     """
     if settings.destinations:
-        peers = ", ".join(f"{d.ae_title}@{d.host}:{d.port}" for d in settings.destinations)
+        peers = ", ".join(d.label for d in settings.destinations)
         return f"results are sent to {peers}"
     if settings.known_peers:
-        peers = ", ".join(f"{d.ae_title}@{d.host}:{d.port}" for d in settings.known_peers)
+        peers = ", ".join(d.label for d in settings.known_peers)
         return (
             f"results are sent back to the sending AE when it is a known peer ({peers}); "
             "images from other AEs fail with send_failed"
@@ -108,20 +112,29 @@ def describe_routing(settings: SendSettings, kept_dir: Path) -> str:
 
 
 def configured_peer(destination: Destination, settings: SendSettings) -> Destination:
-    """Return the destination with the TLS of the configured peer at the same address.
+    """Return the destination with the TLS (and credentials) of the configured peer.
 
     Parameters
     ----------
     destination
-        E.g. parsed from ``--send AE@host:port`` (no TLS table).
+        E.g. parsed from ``--send AE@host:port`` (no TLS table) or ``--send-stow URL``
+        (no credentials: they never come from the command line).
     settings
         ``destinations`` and ``known_peers``.
 
     Returns
     -------
     Destination
-        ``destination`` itself when its TLS is on or no configured peer matches.
+        A DICOM peer with the ``tls`` of the configured peer at the same AE title, host and
+        port; a DICOMweb service with the ``auth`` and ``tls`` of the configured
+        ``dicomweb`` destination with the same URL; else ``destination`` itself.
     """
+    if destination.kind == "dicomweb":
+        url = str(destination.url).rstrip("/")
+        for peer in settings.destinations:
+            if peer.kind == "dicomweb" and str(peer.url).rstrip("/") == url:
+                return destination.model_copy(update={"auth": peer.auth, "tls": peer.tls})
+        return destination
     if destination.tls.enabled:
         return destination
     for peer in (*settings.destinations, *settings.known_peers):
@@ -150,7 +163,11 @@ def send_datasets(
     *,
     audit: AuditTrail | None = None,
 ) -> None:
-    """C-STORE every dataset to one destination over a single association.
+    """Send every dataset to one destination: C-STORE over one association, or STOW-RS.
+
+    A ``dicomweb`` destination gets one STOW-RS request
+    (:func:`cxr_pipeline.service.dicomweb.stow_datasets`); everything below describes the
+    DICOM case, whose errors the DICOMweb case mirrors.
 
     Parameters
     ----------
@@ -175,6 +192,15 @@ def send_datasets(
     if not datasets:
         return
     destination = configured_peer(destination, settings)
+    if destination.kind == "dicomweb":
+        stow_datasets(
+            datasets,
+            destination,
+            calling_ae_title=settings.calling_ae_title,
+            timeout_s=settings.timeout_s,
+            audit=audit,
+        )
+        return
     tls_errors: list[str] = []
     context = peer_context(
         destination.tls, on_error=lambda exc, sock: tls_errors.append(describe_tls_error(exc))

@@ -9,7 +9,13 @@ Usage::
 
 or the ``orthanc`` pytest fixture factory :func:`orthanc_factory`. Orthanc listens on
 127.0.0.1 only, without HTTP authentication, with a temporary storage folder, and is
-stopped (SIGTERM, then SIGKILL) when the block ends.
+stopped (SIGTERM, then SIGKILL) when the block ends (:meth:`OrthancServer.stop` /
+:meth:`~OrthancServer.start` stop and restart it in between, on the same ports and storage).
+
+Like a PACS that serves a query/retrieve client it has not registered, it answers C-FIND
+and C-GET from any AE title (``DicomAlwaysAllowFind`` / ``DicomAlwaysAllowGet``; C-MOVE
+still needs the destination in ``modalities``), and where Debian's ``orthanc-dicomweb`` is
+installed it serves QIDO/WADO/STOW-RS at :attr:`OrthancServer.dicomweb_url`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,17 @@ import requests
 
 ORTHANC_BINARY = "Orthanc"
 DEFAULT_AE_TITLE = "ORTHANC"
+DICOMWEB_PLUGIN_PATHS = (
+    Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+    Path("/usr/lib/orthanc/libOrthancDicomWeb.so"),
+)
+"""Where Debian's ``orthanc-dicomweb`` puts the DICOMweb plugin."""
+DICOMWEB_ROOT = "/dicom-web"
+
+
+def dicomweb_plugin() -> Path | None:
+    """The DICOMweb plugin, where installed."""
+    return next((p for p in DICOMWEB_PLUGIN_PATHS if p.is_file()), None)
 
 
 def free_port() -> int:
@@ -57,6 +74,41 @@ class OrthancServer:
     process: subprocess.Popen[bytes]
     session: requests.Session = field(default_factory=requests.Session)
     host: str = "127.0.0.1"
+    config_path: Path | None = None
+    dicomweb: bool = False
+
+    @property
+    def dicomweb_url(self) -> str:
+        """Base URL of the DICOMweb plugin (QIDO/WADO/STOW-RS)."""
+        if not self.dicomweb:
+            raise RuntimeError("this Orthanc has no DICOMweb plugin")
+        return f"{self.rest_url}{DICOMWEB_ROOT}"
+
+    @property
+    def address(self) -> str:
+        """``AE@host:port`` of its DICOM server (cxr-batch --from-pacs / --send)."""
+        return f"{self.ae_title}@{self.host}:{self.dicom_port}"
+
+    # -- process -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop Orthanc (SIGTERM, then SIGKILL); its storage stays for :meth:`start`."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def start(self, *, timeout_s: float = 60.0) -> None:
+        """Start Orthanc again on the same configuration, ports and storage."""
+        if self.process.poll() is None:
+            return
+        if self.config_path is None:
+            raise RuntimeError("no configuration to restart from")
+        self.process = _launch(self.config_path, self.log_path)
+        _wait_ready(self, timeout_s)
 
     # -- REST --------------------------------------------------------------------------
 
@@ -162,6 +214,11 @@ def orthanc_config(
         "DicomCheckCalledAet": False,
         "DicomAlwaysAllowStore": True,
         "DicomAlwaysAllowEcho": True,
+        # cxr-batch --from-pacs queries (C-FIND) and retrieves (C-GET) as CXR_PIPELINE
+        # without being listed in DicomModalities: what a site sets for a query/retrieve
+        # client it does not register by address (C-MOVE still needs an entry).
+        "DicomAlwaysAllowFind": True,
+        "DicomAlwaysAllowGet": True,
         "DicomModalities": {name: list(peer) for name, peer in modalities.items()},
         "DicomScuTimeout": 30,
         "Plugins": [],
@@ -171,6 +228,10 @@ def orthanc_config(
         "HttpTimeout": 60,
         "OverwriteInstances": True,
     }
+    plugin = dicomweb_plugin()
+    if plugin is not None:
+        config["Plugins"] = [str(plugin)]
+        config["DicomWeb"] = {"Enable": True, "Root": f"{DICOMWEB_ROOT}/", "EnableWado": True}
     if extra:
         config.update(extra)
     return config
@@ -242,13 +303,6 @@ def running_orthanc(
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     log_path = workdir / "orthanc.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [ORTHANC_BINARY, "--no-jobs", str(config_path)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-        )
     server = OrthancServer(
         rest_url=f"http://127.0.0.1:{http_port}",
         dicom_port=dicom_port,
@@ -256,33 +310,45 @@ def running_orthanc(
         ae_title=ae_title,
         storage_dir=workdir / "db",
         log_path=log_path,
-        process=process,
+        process=_launch(config_path, log_path),
+        config_path=config_path,
+        dicomweb="DicomWeb" in config and bool(config["Plugins"]),
     )
     try:
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"Orthanc exited with {process.returncode}:\n{server.log_tail()}"
-                )
-            try:
-                server.system()
-                break
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"Orthanc did not answer in {startup_timeout_s} s:\n{server.log_tail()}"
-                    ) from None
-                time.sleep(0.2)
+        _wait_ready(server, startup_timeout_s)
         yield server
     finally:
         server.session.close()
-        process.terminate()
+        server.stop()
+
+
+def _launch(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            [ORTHANC_BINARY, "--no-jobs", str(config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=config_path.parent,
+        )
+
+
+def _wait_ready(server: OrthancServer, timeout_s: float) -> None:
+    """Wait until ``/system`` answers; raise with the log's tail if Orthanc exits or hangs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"Orthanc exited with {server.process.returncode}:\n{server.log_tail()}"
+            )
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+            server.system()
+            return
+        except requests.RequestException:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"Orthanc did not answer in {timeout_s} s:\n{server.log_tail()}"
+                ) from None
+            time.sleep(0.2)
 
 
 @pytest.fixture

@@ -101,7 +101,7 @@ class _GuardedSocket(socket.socket):
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         data = super().recv(bufsize, flags)
-        if self.on_data is not None and data:
+        if self.on_data is not None:  # bytes, or b"" at the end of the stream
             self.on_data(self)
         if self._guard is None:
             self._guard = PduLengthGuard()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import signal
 import socket
 import threading
@@ -141,7 +142,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=12)
     parser.add_argument("--loris", type=int, default=12)
     parser.add_argument("--pause", type=float, default=0.5)
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="lower this process's CPU priority: on a small shared machine, a niced rogue "
+        "stands in for a separate host (its own CPU use is not the listener's to bear)",
+    )
     args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
     if not ipaddress.ip_address(args.bind).is_loopback:
         parser.error("--bind must be a loopback address")
     rogue = Rogue(args.host, args.port, args.bind, args.pause)

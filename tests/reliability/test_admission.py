@@ -11,11 +11,14 @@
   audit trail say so;
 - a large image over a slow link (one PDU takes longer than the idle timeout) is stored,
   while the same association, once silent, is released;
-- load under abuse: 4 senders x 50 real radiographs from 127.0.0.1, without and then with
-  the rogue host (``tests/reliability/rogue.py``, its own process: 12 idle associations
-  re-opened as soon as closed, 12 slow-loris connections, a reconnect loop). Everything is
-  acknowledged and done, nothing lost or duplicated, and the p95 C-STORE latency under
-  abuse is at most twice the one without; the table is printed (``-s``).
+- load under abuse: 4 senders x 50 real radiographs from 127.0.0.1, three times: without
+  the rogue host, with it (``tests/reliability/rogue.py``, its own process: 12 idle
+  associations re-opened as soon as closed, 12 slow-loris connections, a reconnect loop),
+  and without it again. Everything is acknowledged and done, nothing lost or duplicated,
+  and the p95 C-STORE latency with the rogue host is at most twice the one without (both
+  phases without it pooled, so a change of load on this shared machine weighs on both
+  sides); the table is printed (``-s``). The rogue process runs niced: on a 2-core machine
+  it stands in for a separate host, whose own CPU is not the listener's to bear.
 
 Every loop is bounded in count and time; timing bounds are wide (a slow, shared machine).
 """
@@ -23,6 +26,7 @@ Every loop is bounded in count and time; timing bounds are wide (a slow, shared 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -52,7 +56,7 @@ from pynetdicom.sop_class import (
 
 from cxr_pipeline.dicom.codes import DimseStatus
 from cxr_pipeline.service.audit import read_trail
-from cxr_pipeline.service.ledger import JobState, Ledger
+from cxr_pipeline.service.ledger import JobRecord, JobState, Ledger
 from cxr_pipeline.settings import ListenerSettings
 from tests.reliability.harness import (
     LISTENER_AE,
@@ -416,7 +420,7 @@ class Phase:
 def _start_rogue(port: int, seconds: float, log_path: Path) -> subprocess.Popen[str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.reliability.rogue", "--port", str(port),
-         "--bind", ROGUE, "--seconds", str(seconds)],
+         "--bind", ROGUE, "--seconds", str(seconds), "--nice", "19"],
         cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=log_path.open("w"),
         text=True,
     )  # fmt: skip
@@ -432,94 +436,130 @@ def _stop_rogue(process: subprocess.Popen[str]) -> dict[str, float]:
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from ``/proc/<pid>/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
 def test_load_under_abuse(
     tmp_path: Path, pacs: Pacs, shared_dicom_dir: Path, tiny_checkpoint: Path
 ) -> None:
     files = sorted(shared_dicom_dir.glob("*.dcm"))
     assert files, f"no real DICOM radiographs in {shared_dicom_dir}"
     warmup = real_radiographs(files, 4)
-    baseline = Phase("without the rogue host", [real_radiographs(files, PER_SENDER)
-                                                for _ in range(SENDERS)])  # fmt: skip
-    abuse = Phase("with the rogue host", [real_radiographs(files, PER_SENDER)
-                                          for _ in range(SENDERS)])  # fmt: skip
-    tally = Tally(f"load under abuse: {SENDERS} x {PER_SENDER} from 127.0.0.1, twice")
-    for phase in (baseline, abuse):
-        for batch in phase.batches:
+
+    def phase(name: str) -> Phase:
+        return Phase(name, [real_radiographs(files, PER_SENDER) for _ in range(SENDERS)])
+
+    # The phases without the rogue host come before and after the one with it, so a change
+    # of load on this shared machine weighs on both sides of the comparison.
+    before, abuse, after = (
+        phase("without, before"),
+        phase("with the rogue host"),
+        phase("without, after"),
+    )
+    phases = (before, abuse, after)
+    tally = Tally(f"load under abuse: {SENDERS} x {PER_SENDER} from 127.0.0.1, 3 phases")
+    for each in phases:
+        for batch in each.batches:
             tally.sent(batch)
     data_dir = tmp_path / "data"
     rogue_report: dict[str, float] = {}
-    peak_unknown = 0.0
+    peak_unknown: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    unknown_key = 'cxr_associations_active{peer_kind="unknown"}'
     with listening(tmp_path, pacs, tiny_checkpoint) as listener:
         ledger = Ledger(data_dir / "ledger.sqlite3")
-        metrics_port = listener.metrics_port
+        pid = listener.service.process.pid
+
+        def measured(each: Phase) -> dict[str, JobRecord | None]:
+            """Send one phase (sampling the slots held, as in every phase), wait for its jobs."""
+            sampling = threading.Event()
+
+            def sample() -> None:
+                while not sampling.wait(0.5):
+                    with suppress(requests.RequestException):
+                        held = scrape(listener.metrics_port).get(unknown_key, 0)
+                        peak_unknown[each.name] = max(peak_unknown.get(each.name, 0), held)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            start = _cpu_s(pid)
+            try:
+                each.run(listener.port)
+            finally:
+                cpu[each.name] = _cpu_s(pid) - start
+                sampling.set()
+                sampler.join(timeout=10)
+            tally.answered(each.statuses)
+            return wait_finished(ledger, each.statuses)
+
         # Warm up (first passes of the model, caches): not measured, not counted.
-        warm = Phase("warm-up", [warmup])
-        warm.run(listener.port)
+        Phase("warm-up", [warmup]).run(listener.port)
         wait_finished(ledger, [str(d.SOPInstanceUID) for d in warmup])
 
-        baseline.run(listener.port)
-        tally.answered(baseline.statuses)
-        wait_finished(ledger, baseline.statuses)
-
+        rows = measured(before)
         rogue = _start_rogue(listener.port, 300, tmp_path / "rogue.log")
         try:
             # Let it take what it can, and time the measured sends to cover the moment its
             # idle associations are released and re-opened.
             time.sleep(DEFAULTS.idle_timeout_s - 2.0)
-            sampling = threading.Event()
-
-            def sample() -> None:
-                nonlocal peak_unknown
-                while not sampling.wait(0.5):
-                    with suppress(requests.RequestException):
-                        active = scrape(metrics_port)
-                        key = 'cxr_associations_active{peer_kind="unknown"}'
-                        peak_unknown = max(peak_unknown, active.get(key, 0))
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            abuse.run(listener.port)
-            tally.answered(abuse.statuses)
-            rows = wait_finished(ledger, abuse.statuses)  # the rogue host still at it
-            sampling.set()
-            sampler.join(timeout=10)
+            rows |= measured(abuse)  # its jobs are done while the rogue host is still at it
         finally:
             rogue_report = _stop_rogue(rogue)
+        # Every connection of the rogue host closed before the last phase.
+        assert wait_for(lambda: scrape(listener.metrics_port).get(unknown_key) == 0, 30)
+        rows |= measured(after)
         refused = {
             k.split('"')[1]: v
-            for k, v in scrape(metrics_port).items()
+            for k, v in scrape(listener.metrics_port).items()
             if k.startswith("cxr_associations_refused_total")
         }
         alerts = admission_alerts(data_dir, ROGUE)
         result = tally.evaluate(ledger, pacs)
-    ratio = abuse.p(95) / baseline.p(95)
+    without = before.latencies + after.latencies
+    ratio = abuse.p(95) / _percentile(without, 95)
     print(
         "\nphase | C-STOREs | acknowledged | p50 ms | p95 ms | max ms | association "
-        "retries | wall s"
+        "retries | wall s | listener CPU s | peak unknown slots"
     )
-    print(baseline.row())
-    print(abuse.row())
+    for each in phases:
+        print(f"{each.row()} | {cpu[each.name]:.1f} | {peak_unknown.get(each.name, 0):.0f}")
+    print(
+        f"without the rogue host, both phases | {len(without)} | | "
+        f"{1000 * statistics.median(without):.0f} | {1000 * _percentile(without, 95):.0f} | "
+        f"{1000 * max(without):.0f} | | | |"
+    )
     print(f"p95 ratio (with / without the rogue host): {ratio:.2f} (limit {LATENCY_RATIO_LIMIT})")
     print(f"rogue host 127.0.0.2: {json.dumps(rogue_report)}")
-    print(f"listener: refused by reason {json.dumps(refused)}; peak unknown slots held "
-          f"{peak_unknown:.0f}; {len(alerts)} Security Alerts for 127.0.0.2")  # fmt: skip
+    print(f"listener: refused by reason {json.dumps(refused)}; "
+          f"{len(alerts)} Security Alerts for 127.0.0.2")  # fmt: skip
     print(
         f"ledger and PACS: {result['acknowledged']} acknowledged, {result['delivered']} "
         f"delivered, {result['lost']} lost, {result['duplicates']} duplicated"
     )
-    for phase in (baseline, abuse):
-        assert len(phase.statuses) == SENDERS * PER_SENDER
-        assert set(phase.statuses.values()) == {DimseStatus.SUCCESS}, phase.statuses
+    for each in phases:
+        assert len(each.statuses) == SENDERS * PER_SENDER
+        assert set(each.statuses.values()) == {DimseStatus.SUCCESS}, each.statuses
     assert {r.state for r in rows.values() if r} == {JobState.DONE}
-    assert result["acknowledged"] == result["delivered"] == 2 * SENDERS * PER_SENDER, result
+    assert result["acknowledged"] == result["delivered"] == 3 * SENDERS * PER_SENDER, result
     assert result["lost"] == 0 and result["duplicates"] == 0, result
     # The rogue host really was at it, and held no more than its cap.
     assert rogue_report.get("idle_established", 0) >= DEFAULTS.max_associations_per_address
+    assert rogue_report.get("idle_released_by_listener", 0) >= 1
     assert rogue_report.get("loris_opened", 0) >= 12
     assert (
         rogue_report.get("reconnect_refused", 0) + rogue_report.get("reconnect_established", 0)
         >= 10
     )
-    assert peak_unknown <= SENDERS + DEFAULTS.max_associations_per_address
-    assert ratio <= LATENCY_RATIO_LIMIT, f"p95 {abuse.p(95):.3f} s vs {baseline.p(95):.3f} s"
+    assert peak_unknown.get(abuse.name, 0) <= SENDERS + DEFAULTS.max_associations_per_address
+    minutes = rogue_report["seconds"] / 60
+    assert 1 <= len(alerts) <= 2 + int(minutes), (len(alerts), minutes)
+    assert ratio <= LATENCY_RATIO_LIMIT, ratio
     assert_no_phi(tmp_path / "listener.log")

@@ -8,6 +8,7 @@ in, so deadlines are checked without waiting. The network behaviour is in
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ from cxr_pipeline.service import metrics
 from cxr_pipeline.service.audit import AuditTrail, read_trail
 from cxr_pipeline.settings import load_settings
 from listeners.admission import (
+    ACTIVE_LOOP_DELAY_S,
+    PARKED_LOOP_DELAY_S,
     REFUSALS_PER_ADDRESS,
     Admission,
     AdmissionPolicy,
@@ -196,7 +199,9 @@ class _Assoc:
     def __init__(self) -> None:
         self.is_established = True
         self.is_released = self.is_aborted = self.is_rejected = False
-        self.dul = SimpleNamespace(ident=None, is_alive=lambda: True)
+        self.dul = SimpleNamespace(ident=None, is_alive=lambda: True, _run_loop_delay=0.001)
+        self._reactor_checkpoint = threading.Event()
+        self._reactor_checkpoint.set()
         self.releases = 0
 
     def is_alive(self) -> bool:
@@ -237,7 +242,12 @@ def test_an_idle_association_is_released_unless_bytes_or_a_request_are_under_way
     conn = admission._by_socket[id(sock)]
     start = conn.last_activity
     admission.sweep(start + 9.0)
-    admission.touch(sock)  # a byte arrived: the clock starts again
+    # Idle for a while: parked (reactor paused, DUL polling slowly) ...
+    assert conn.parked and not assoc._reactor_checkpoint.is_set()
+    assert assoc.dul._run_loop_delay == PARKED_LOOP_DELAY_S
+    admission.touch(sock)  # ... until a byte arrives; and the idle clock starts again
+    assert not conn.parked and assoc._reactor_checkpoint.is_set()
+    assert assoc.dul._run_loop_delay == ACTIVE_LOOP_DELAY_S
     admission.sweep(conn.last_activity + 9.0)
     conn.serving = True  # a request is being answered (the handler runs)
     admission.sweep(conn.last_activity + 30.0)
@@ -248,6 +258,7 @@ def test_an_idle_association_is_released_unless_bytes_or_a_request_are_under_way
     while assoc.releases == 0 and time.monotonic() < deadline:  # in its own thread
         time.sleep(0.01)
     assert acted == [Reason.IDLE_TIMEOUT] and assoc.releases == 1
+    assert not conn.parked and assoc._reactor_checkpoint.is_set()  # released awake
     assert conn.deadline == conn.release_started + policy.release_grace_s  # type: ignore[operator]
     admission.sweep(conn.last_activity + 11.0)
     assert assoc.releases == 1  # once

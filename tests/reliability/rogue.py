@@ -36,6 +36,12 @@ from pynetdicom.sop_class import Verification
 MAX_PER_LOOP = 5000
 """Most connections one loop opens, whatever ``--seconds`` says."""
 
+TIMEOUT_S = 5.0
+"""pynetdicom timeouts of the rogue's own associations (it must wind down quickly)."""
+
+WIND_DOWN_S = 30.0
+"""Longest wait for the loops to end after the stop; the report is printed regardless."""
+
 
 class Rogue:
     """The three kinds of abuse, sharing one stop event and one tally."""
@@ -56,7 +62,8 @@ class Rogue:
     def _ae(self) -> AE:
         ae = AE(ae_title="ROGUE")
         ae.add_requested_context(Verification)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.acse_timeout = ae.dimse_timeout = TIMEOUT_S
+        ae.network_timeout = None  # its idle associations must not end on their own
         return ae
 
     def _associate(self) -> Association:
@@ -161,21 +168,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    threads = [threading.Thread(target=rogue.idle) for _ in range(args.idle)]
-    threads += [threading.Thread(target=rogue.loris) for _ in range(args.loris)]
-    threads.append(threading.Thread(target=rogue.reconnect))
+    loops = [rogue.idle] * args.idle + [rogue.loris] * args.loris + [rogue.reconnect]
+    threads = [threading.Thread(target=loop, daemon=True) for loop in loops]
     start = time.monotonic()
     for thread in threads:
         thread.start()
     print("rogue started", flush=True)
     rogue.stop.wait(args.seconds)
     rogue.stop.set()
+    deadline = time.monotonic() + WIND_DOWN_S
     for thread in threads:
-        thread.join(timeout=60)
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
     report = {
         **rogue.counts,
         **{k: round(v, 1) for k, v in rogue.longest.items()},
         "seconds": round(time.monotonic() - start, 1),
+        "loops_still_running": sum(1 for thread in threads if thread.is_alive()),
     }
     print(json.dumps(report), flush=True)
     return 0

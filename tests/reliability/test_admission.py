@@ -205,12 +205,14 @@ def test_idle_associations_and_slow_loris_from_one_address_leave_room(
         started = time.monotonic()
         # 12 idle established associations from the rogue host, requested all at once.
         held: list[Association] = []
+        since: dict[int, float] = {}  # when each association was established
         lock = threading.Lock()
 
         def open_one() -> None:
             assoc = associate(listener.port, ROGUE, "ROGUE")
             with lock:
                 held.append(assoc)
+                since[id(assoc)] = time.monotonic()
 
         openers = [threading.Thread(target=open_one) for _ in range(12)]
         for thread in openers:
@@ -219,7 +221,6 @@ def test_idle_associations_and_slow_loris_from_one_address_leave_room(
             thread.join(timeout=60)
         established = [a for a in held if a.is_established]
         assert len(established) == DEFAULTS.max_associations_per_address, len(established)
-        opened_at = time.monotonic()
         echoes = [echo_from_good_host(listener.port)]
         time.sleep(3.0)
         echoes.append(echo_from_good_host(listener.port))
@@ -232,13 +233,21 @@ def test_idle_associations_and_slow_loris_from_one_address_leave_room(
         ))  # fmt: skip
         # Short leash: released (the pynetdicom peer answers A-RELEASE-RP) after the idle
         # timeout, not before, and well before pynetdicom's 60 s network timeout.
-        assert wait_for(
-            lambda: not any(a.is_established for a in established), DEFAULTS.idle_timeout_s + 20
-        )
-        held_s = time.monotonic() - opened_at
+        ended: dict[int, float] = {}
+        deadline = time.monotonic() + DEFAULTS.idle_timeout_s + 20
+        while len(ended) < len(established) and time.monotonic() < deadline:
+            for assoc in established:
+                if not assoc.is_established:
+                    ended.setdefault(id(assoc), time.monotonic())
+            time.sleep(0.1)
+        assert len(ended) == len(established), "idle associations still open"
         assert all(a.is_released for a in established), [a.is_aborted for a in established]
-        assert held_s >= DEFAULTS.idle_timeout_s - 1.0, held_s
-        rows.append(("the idle associations", f"released by the listener after {held_s:.1f} s"))
+        lifetimes = [ended[key] - since[key] for key in ended]
+        assert min(lifetimes) >= DEFAULTS.idle_timeout_s - 0.5, lifetimes
+        rows.append((
+            "the idle associations",
+            f"released by the listener after {min(lifetimes):.1f}-{max(lifetimes):.1f} s",
+        ))  # fmt: skip
 
         # 12 slow-loris connections from the rogue host.
         connected = time.monotonic()
@@ -359,6 +368,7 @@ class Phase:
         self.latencies: list[float] = []
         self.statuses: dict[str, int | None] = {}
         self.retries = 0
+        self.resent = 0
         self.errors: list[BaseException] = []
         self.wall_s = 0.0
         self._lock = threading.Lock()
@@ -378,17 +388,30 @@ class Phase:
         try:
             assoc = self._connect()
             for ds in batch:
-                if not assoc.is_established:  # cut: associate again, as a PACS would
-                    assoc = self._connect()
-                start = time.perf_counter()
-                status = assoc.send_c_store(ds)
-                took = time.perf_counter() - start
-                with self._lock:
-                    self.latencies.append(took)
-                    self.statuses[str(ds.SOPInstanceUID)] = (
-                        int(status.Status) if "Status" in status else None
-                    )
-            assoc.release()
+                for _ in range(3):
+                    if not assoc.is_established:  # cut: associate again, as a PACS would
+                        assoc = self._connect()
+                    start = time.perf_counter()
+                    status = assoc.send_c_store(ds)
+                    took = time.perf_counter() - start
+                    code = int(status.Status) if "Status" in status else None
+                    with self._lock:
+                        self.latencies.append(took)
+                        self.statuses[str(ds.SOPInstanceUID)] = code
+                    if code is not None:
+                        break
+                    # No answer: send it again on a new association, as a PACS would. Seen
+                    # on this loaded machine without the rogue host: pynetdicom's SCU
+                    # reactor can take the C-STORE response off the queue before
+                    # send_c_store does ("Received unexpected C-STORE service message"),
+                    # the SCU then sends nothing more, and the listener releases the
+                    # association as idle.
+                    with self._lock:
+                        self.resent += 1
+                    if assoc.is_established:
+                        assoc.abort()
+            if assoc.is_established:
+                assoc.release()
         except BaseException as exc:  # reported by run()
             self.errors.append(exc)
 
@@ -413,14 +436,15 @@ class Phase:
         return (
             f"{self.name} | {len(self.statuses)} | {acked} | "
             f"{1000 * statistics.median(self.latencies):.0f} | {1000 * self.p(95):.0f} | "
-            f"{1000 * max(self.latencies):.0f} | {self.retries} | {self.wall_s:.1f}"
+            f"{1000 * max(self.latencies):.0f} | {self.retries} | {self.resent} | "
+            f"{self.wall_s:.1f}"
         )
 
 
 def _start_rogue(port: int, seconds: float, log_path: Path) -> subprocess.Popen[str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.reliability.rogue", "--port", str(port),
-         "--bind", ROGUE, "--seconds", str(seconds), "--nice", "19"],
+         "--bind", ROGUE, "--seconds", str(seconds), "--nice", "10"],
         cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=log_path.open("w"),
         text=True,
     )  # fmt: skip
@@ -526,15 +550,15 @@ def test_load_under_abuse(
     without = before.latencies + after.latencies
     ratio = abuse.p(95) / _percentile(without, 95)
     print(
-        "\nphase | C-STOREs | acknowledged | p50 ms | p95 ms | max ms | association "
-        "retries | wall s | listener CPU s | peak unknown slots"
+        "\nphase | images | acknowledged | p50 ms | p95 ms | max ms | association "
+        "retries | re-sent | wall s | listener CPU s | peak unknown slots"
     )
     for each in phases:
         print(f"{each.row()} | {cpu[each.name]:.1f} | {peak_unknown.get(each.name, 0):.0f}")
     print(
         f"without the rogue host, both phases | {len(without)} | | "
         f"{1000 * statistics.median(without):.0f} | {1000 * _percentile(without, 95):.0f} | "
-        f"{1000 * max(without):.0f} | | | |"
+        f"{1000 * max(without):.0f} | | | | |"
     )
     print(f"p95 ratio (with / without the rogue host): {ratio:.2f} (limit {LATENCY_RATIO_LIMIT})")
     print(f"rogue host 127.0.0.2: {json.dumps(rogue_report)}")
@@ -547,6 +571,7 @@ def test_load_under_abuse(
     for each in phases:
         assert len(each.statuses) == SENDERS * PER_SENDER
         assert set(each.statuses.values()) == {DimseStatus.SUCCESS}, each.statuses
+        assert each.resent <= 5, f"{each.name}: {each.resent} C-STOREs without an answer"
     assert {r.state for r in rows.values() if r} == {JobState.DONE}
     assert result["acknowledged"] == result["delivered"] == 3 * SENDERS * PER_SENDER, result
     assert result["lost"] == 0 and result["duplicates"] == 0, result

@@ -216,6 +216,29 @@ class ListenerSettings(_Section):
     require_called_ae: bool = False
     """Reject associations whose Called AE Title is not ours."""
     max_associations: int = Field(default=10, ge=1)
+    """Connections that may hold an association at once (being requested or established):
+    the listener's slots (``listeners/admission.py``)."""
+    max_associations_per_address: int = Field(default=4, ge=1)
+    """Slots one IP address may hold at once (known peers too). One more connection from
+    that address is refused: A-ASSOCIATE-RJ (rejected-transient, local limit exceeded), or
+    closed before its request is read when the address is already being refused twice."""
+    reserved_for_known_peers: int = Field(default=4, ge=0)
+    """Slots of ``max_associations`` only known peers may take (an address in
+    ``send.known_peers[].addresses``, or a known peer's ``host`` written as an IP address),
+    so a PACS always has room whatever unknown addresses hold. Applies only when some known
+    peer has such an address (otherwise nobody could use the reserve). The default, the
+    per-address cap, fits one PACS feeding the listener."""
+    association_request_timeout_s: float = Field(default=5.0, gt=0.0)
+    """A connection must have its association requested (TLS handshake and a complete
+    A-ASSOCIATE-RQ) this many seconds after it was accepted, however it trickles bytes; then
+    it is closed. Also pynetdicom's ARTIM and how long a release waits for its answer."""
+    idle_timeout_s: float = Field(default=10.0, gt=0.0)
+    """An established association of an unknown address that received nothing for this long
+    (no P-DATA, no request being answered) is released (A-RELEASE-RQ), and aborted if the
+    peer does not answer. A transfer whose bytes keep arriving is never cut."""
+    known_peer_idle_timeout_s: float = Field(default=60.0, gt=0.0)
+    """``idle_timeout_s`` for known peers (a PACS may keep an association open between
+    studies)."""
     min_free_bytes: int = Field(default=1_000_000_000, ge=0)
     """Free-space watermark of the spool's file system (bytes).
 
@@ -317,7 +340,9 @@ class Destination(_Section):
     """Known peers: host addresses or networks (``10.1.2.3``, ``10.1.0.0/16``, ``::1``) this
     AE title may call from. Empty: any address (storescp's default). Otherwise the listener
     rejects an association with this calling AE title from anywhere else (A-ASSOCIATE-RJ,
-    calling AE title not recognised) and records a Security Alert."""
+    calling AE title not recognised) and records a Security Alert. For admission, these
+    addresses (and ``host`` when it is an IP address) are a known peer's: see
+    ``listener.reserved_for_known_peers``."""
 
     @field_validator("addresses")
     @classmethod
@@ -462,6 +487,27 @@ class SendSettings(_Section):
             )
         return self
 
+    def known_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """Where known peers call from: their ``addresses``, and each ``host`` that is an IP.
+
+        Returns
+        -------
+        list
+            Networks (a single address is a /32 or /128); empty when no known peer names
+            an address (host names are not resolved).
+        """
+        networks = []
+        for peer in self.known_peers:
+            texts = list(peer.addresses)
+            try:
+                ipaddress.ip_address(peer.host)
+            except ValueError:
+                pass
+            else:
+                texts.append(peer.host)
+            networks += [ipaddress.ip_network(text, strict=False) for text in texts]
+        return networks
+
 
 class AuditSettings(_Section):
     """The audit trail: DICOM PS3.15 A.5 audit messages (IHE ATNA).
@@ -573,6 +619,18 @@ class Settings(BaseSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+
+    @model_validator(mode="after")
+    def _reserve_leaves_room(self) -> Settings:
+        listener = self.listener
+        if self.send.known_networks() and (
+            listener.reserved_for_known_peers >= listener.max_associations
+        ):
+            raise ValueError(
+                "listener.reserved_for_known_peers must be below listener.max_associations "
+                "when known peers have addresses (unknown addresses need at least one slot)"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -16,6 +16,9 @@
   saying why (nothing reaches the spool or the ledger).
 - TLS errors of incoming connections (from :func:`cxr_pipeline.service.tls.server_context`):
   Security Alert (Node Authentication) with the peer's address.
+- Caps and timeouts of :mod:`listeners.admission` (:meth:`EdgeGuard.admission_acted`): a
+  warning and a Security Alert (Use of Restricted Function), at most once per address per
+  minute, counting the ones in between.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import ipaddress
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,17 +36,28 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 
 from cxr_pipeline.dicom import codes
-from cxr_pipeline.dicom.codes import AuditAction, AuditOutcome, DimseStatus
+from cxr_pipeline.dicom.codes import AssociateReject, AuditAction, AuditOutcome, DimseStatus
+from cxr_pipeline.service import metrics
 from cxr_pipeline.service.audit import AuditTrail, Participant, StudyTransfer
 from cxr_pipeline.service.ledger import Ledger
 from cxr_pipeline.service.tls import describe_tls_error
 from cxr_pipeline.settings import Settings
+from listeners.admission import Reason, peer_address
 
 log = logging.getLogger(__name__)
 
-REJECTED_PERMANENT = 0x01
-SOURCE_SERVICE_USER = 0x01
-CALLING_AE_NOT_RECOGNISED = 0x03
+ALERT_INTERVAL_S = 60.0
+"""At most one Security Alert (and one warning) per address this often for the caps and
+timeouts of admission (issue 21: once per address per minute, not once per connection)."""
+
+MAX_TRACKED_ADDRESSES = 4096
+"""Addresses remembered for that rate limit before the stale ones are dropped."""
+
+_TIMEOUTS = frozenset({Reason.REQUEST_TIMEOUT, Reason.IDLE_TIMEOUT})
+
+REJECTED_PERMANENT = AssociateReject.REJECTED_PERMANENT
+SOURCE_SERVICE_USER = AssociateReject.SOURCE_SERVICE_USER
+CALLING_AE_NOT_RECOGNISED = AssociateReject.CALLING_AE_NOT_RECOGNISED
 """A-ASSOCIATE-RJ result, source and diagnostic (PS3.8 9.3.4) used for every refusal of a
 caller: the standard has no "address not allowed", and a caller must not learn which
 check failed."""
@@ -50,12 +65,9 @@ check failed."""
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        address = ipaddress.ip_address(text.split("%")[0])
+        return ipaddress.ip_address(peer_address(text))
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def refusal_reason(settings: Settings, calling_ae: str, address: str) -> str | None:
@@ -123,6 +135,7 @@ class EdgeGuard:
         self.ledger = ledger
         self._lock = threading.Lock()
         self._transfers: dict[int, _Transfer] = {}
+        self._alerted: dict[str, tuple[float | None, int]] = {}
 
     # -- participants ----------------------------------------------------------------------
 
@@ -170,11 +183,14 @@ class EdgeGuard:
 
     def on_requested(self, event: Event) -> None:
         """Reject a caller whose AE title or address is not allowed (A-ASSOCIATE-RJ)."""
+        if event.assoc.is_rejected:  # already refused by admission (listeners/admission.py)
+            return
         caller = self._caller(event)
         reason = refusal_reason(self.settings, caller.ae_title, caller.address)
         if reason is None:
             return
         log.warning("association from %s rejected: %s", caller.address, reason)
+        metrics.ASSOCIATIONS_REFUSED.labels(reason="calling_ae").inc()
         event.assoc.acse.send_reject(
             REJECTED_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNISED
         )
@@ -194,6 +210,8 @@ class EdgeGuard:
         log.warning(
             "association from %s (%s) rejected: %s", caller.address, caller.ae_title, reason
         )
+        called = diagnostic == AssociateReject.CALLED_AE_NOT_RECOGNISED
+        metrics.ASSOCIATIONS_REFUSED.labels(reason="called_ae" if called else "rejected").inc()
         if result == REJECTED_PERMANENT and source == SOURCE_SERVICE_USER:
             self._alert("association rejected", caller, reason, codes.AUDIT_NODE_AUTHENTICATION)
 
@@ -220,9 +238,40 @@ class EdgeGuard:
         self._alert("TLS failure (receiving)", caller, reason, codes.AUDIT_NODE_AUTHENTICATION)
 
     def connection_refused(self, address: str, reason: str) -> None:
-        """Record a connection the server closed (oversized PDU, no association in time)."""
+        """Record a connection the server closed for an oversized PDU."""
+        metrics.ASSOCIATIONS_REFUSED.labels(reason="pdu_too_large").inc()
         caller = Participant("", address, True, codes.AUDIT_ROLE_SOURCE)
         self._alert("connection refused", caller, reason, codes.AUDIT_USE_OF_RESTRICTED_FUNCTION)
+
+    def admission_acted(self, address: str, reason: Reason, description: str) -> None:
+        """Log and audit a cap or a leash of :mod:`listeners.admission`, rate-limited.
+
+        One warning and one Security Alert (Use of Restricted Function) per address per
+        :data:`ALERT_INTERVAL_S`, saying how many more acted since the last one; a
+        reconnect loop must not flood the log or the audit repository.
+        """
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._alerted.get(address, (None, 0))
+            if last is not None and now - last < ALERT_INTERVAL_S:
+                self._alerted[address] = (last, suppressed + 1)
+                return
+            self._alerted[address] = (now, 0)
+            if len(self._alerted) > MAX_TRACKED_ADDRESSES:
+                self._alerted = {
+                    a: v
+                    for a, v in self._alerted.items()
+                    if v[0] is not None and now - v[0] < ALERT_INTERVAL_S
+                }
+        if suppressed:
+            description += (
+                f" ({suppressed} more refusals or timeouts for this address in the last "
+                f"{ALERT_INTERVAL_S:.0f} s were not alerted separately)"
+            )
+        log.warning("connection from %s: %s [%s]", address, description, reason.value)
+        caller = Participant("", address, True, codes.AUDIT_ROLE_SOURCE)
+        name = "association timed out" if reason in _TIMEOUTS else "association refused"
+        self._alert(name, caller, description, codes.AUDIT_USE_OF_RESTRICTED_FUNCTION)
 
     def _alert(self, name: str, caller: Participant, reason: str, kind: Any) -> None:
         self.trail.record(

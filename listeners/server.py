@@ -12,15 +12,18 @@ three ways that let a hostile client lock real senders out or grow memory (measu
 - the PDU length field (up to 4 GiB) is believed: the DUL appends whatever arrives to one
   buffer until that many bytes came.
 
-:class:`GuardedAssociationServer` gives every accepted socket a read/write timeout, closes
-the connection of an association not established within ``request_deadline_s``, and
-refuses (closes) a connection whose PDU length exceeds :data:`MAX_PDU_BYTES`. It is
-plugged in through pynetdicom's public ``AE.make_server(server_class=...)``.
+:class:`GuardedAssociationServer` gives every accepted socket a read/write timeout, lets
+:class:`listeners.admission.Admission` admit or refuse each connection by address (its
+watchdog closes a connection whose association is not established in time and releases
+idle ones), and refuses (closes) a connection whose PDU length exceeds
+:data:`MAX_PDU_BYTES`. It is plugged in through pynetdicom's public
+``AE.make_server(server_class=...)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import socket
 import struct
@@ -29,11 +32,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import AE
-from pynetdicom.association import Association
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom import AE, evt
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from listeners.admission import Admission
 
 log = logging.getLogger(__name__)
+
+GC_INTERVAL_S = 30.0
+"""Least time between two ``gc.collect()`` of the accept loop (see ``service_actions``)."""
 
 SOCKET_TIMEOUT_S = 30.0
 """Longest a read or write of an accepted socket may block without progress. The DUL only
@@ -90,9 +97,12 @@ class _GuardedSocket(socket.socket):
 
     _guard: PduLengthGuard | None = None
     on_refused: Callable[[str, str], None] | None = None
+    on_data: Callable[[Any], None] | None = None
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         data = super().recv(bufsize, flags)
+        if self.on_data is not None:  # bytes, or b"" at the end of the stream
+            self.on_data(self)
         if self._guard is None:
             self._guard = PduLengthGuard()
         try:
@@ -110,13 +120,20 @@ class _GuardedSocket(socket.socket):
 
 def pdu_inspector(
     on_refused: Callable[[str, str], None] | None,
+    on_data: Callable[[Any], None] | None = None,
 ) -> Callable[[], Callable[[bytes, Any], None]]:
-    """Return per-connection PDU length checks for TLS sockets (``server_context``)."""
+    """Return per-connection PDU length checks for TLS sockets (``server_context``).
+
+    ``on_data`` is called with the socket for every chunk read (the admission's clock of
+    idleness: :meth:`listeners.admission.Admission.touch`).
+    """
 
     def make() -> Callable[[bytes, Any], None]:
         guard = PduLengthGuard()
 
         def inspect(data: bytes, sock: Any) -> None:
+            if on_data is not None:
+                on_data(sock)
             try:
                 guard.feed(data)
             except ConnectionAbortedError as exc:
@@ -140,15 +157,38 @@ def _peer(sock: socket.socket) -> str:
         return ""
 
 
-class GuardedAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with socket timeouts, a request deadline and PDU bounds.
+class AdmittedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, telling :class:`Admission` which association is whose.
 
-    :func:`start_guarded_server` sets ``request_deadline_s`` and ``on_refused`` (called with
-    the peer address and the reason of a refused connection) before it serves.
+    ``handle`` is pynetdicom's own three steps (make the association, announce the
+    connection, start it) with the association bound to its connection before it starts,
+    so the first event already finds it.
     """
 
-    request_deadline_s: float = 15.0
+    server: GuardedAssociationServer
+
+    def handle(self) -> None:
+        """Make the acceptor association of this connection and start it."""
+        assoc = self._create_association()
+        self.server.admission.attach(self.request, assoc)
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with admission by address, socket timeouts and PDU bounds.
+
+    :func:`start_guarded_server` sets ``admission`` and ``on_refused`` (called with the peer
+    address and the reason of a connection closed for an oversized PDU) before it serves.
+    """
+
+    admission: Admission
     on_refused: Callable[[str, str], None] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", AdmittedRequestHandler)
+        super().__init__(*args, **kwargs)
+        self._collected_at = time.monotonic()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection: timeout and PDU guard first, then TLS (as pynetdicom does)."""
@@ -157,6 +197,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         client, address = listening.accept()
         guarded = _GuardedSocket(client.family, client.type, client.proto, fileno=client.detach())
         guarded.on_refused = self.on_refused
+        guarded.on_data = self.admission.touch
         guarded.settimeout(SOCKET_TIMEOUT_S)
         sock: socket.socket = guarded
         if self.ssl_context:
@@ -165,36 +206,27 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             sock = self.ssl_context.wrap_socket(guarded, server_side=True)
         return sock, address
 
-    def watch(self, stop: threading.Event, interval_s: float = 1.0) -> None:
-        """Close connections whose association is not established by the deadline."""
-        first_seen: dict[int, float] = {}
-        while not stop.wait(interval_s):
-            now = time.monotonic()
-            alive: set[int] = set()
-            for assoc in self.active_associations:
-                key = id(assoc)
-                alive.add(key)
-                started = first_seen.setdefault(key, now)
-                if assoc.is_established or assoc.is_rejected or assoc.is_released:
-                    continue
-                if now - started > self.request_deadline_s:
-                    self._close(assoc, now - started)
-            for key in set(first_seen) - alive:
-                del first_seen[key]
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit the connection or have it closed unread (:meth:`Admission.admit`)."""
+        return self.admission.admit(request, str(client_address[0]))
 
-    def _close(self, assoc: Association, age: float) -> None:
-        sock = getattr(assoc.dul.socket, "socket", None) if assoc.dul.socket else None
-        if sock is None:
-            return
-        peer = _peer(sock)
-        reason = f"no association after {age:.0f} s: connection closed"
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            return  # already closed
-        log.warning("connection from %s closed: %s", peer or "?", reason)
-        if self.on_refused is not None:
-            self.on_refused(peer, reason)
+    def shutdown_request(self, request: Any) -> None:
+        """Close a connection (pynetdicom calls this when an association ends)."""
+        self.admission.closed(request)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Collect garbage at most every :data:`GC_INTERVAL_S` seconds.
+
+        pynetdicom runs ``gc.collect()`` every 60 passes of the accept loop, i.e. every 60
+        connections under a reconnect loop; a full collection of this process (torch
+        loaded) holds the GIL for a while and stalls every transfer. Dead association
+        threads are still collected, on a clock instead of a connection count.
+        """
+        now = time.monotonic()
+        if now - self._collected_at >= GC_INTERVAL_S:
+            self._collected_at = now
+            gc.collect()
 
 
 def start_guarded_server(
@@ -203,10 +235,25 @@ def start_guarded_server(
     *,
     evt_handlers: list[Any],
     ssl_context: Any,
-    request_deadline_s: float,
+    admission: Admission,
     on_refused: Callable[[str, str], None] | None,
 ) -> tuple[GuardedAssociationServer, threading.Event]:
     """Start the server and its watchdog in daemon threads (as ``AE.start_server`` does).
+
+    Parameters
+    ----------
+    ae
+        The listener's AE.
+    address
+        Where to listen.
+    evt_handlers
+        pynetdicom handlers; the admission's own are bound first.
+    ssl_context
+        TLS context or None.
+    admission
+        Caps and leashes (:mod:`listeners.admission`); its watchdog runs in a thread.
+    on_refused
+        Called for a connection closed for an oversized PDU.
 
     Returns
     -------
@@ -216,16 +263,16 @@ def start_guarded_server(
     server = ae.make_server(
         address,
         ssl_context=ssl_context,
-        evt_handlers=evt_handlers,
+        evt_handlers=[*admission.handlers(), *evt_handlers],
         server_class=GuardedAssociationServer,
     )
     assert isinstance(server, GuardedAssociationServer)
-    server.request_deadline_s = request_deadline_s
+    server.admission = admission
     server.on_refused = on_refused
     stop = threading.Event()
     threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
     threading.Thread(
-        target=server.watch, args=(stop,), name="AssociationWatchdog", daemon=True
+        target=admission.watch, args=(stop,), name="AssociationWatchdog", daemon=True
     ).start()
     ae._servers.append(server)  # so AE.shutdown() stops it too, as with start_server
     return server, stop

@@ -5,8 +5,9 @@ With ``--dicomweb-port`` (``listener.dicomweb.port``) it also takes STOW-RS
 
 Accepts Verification and every storage SOP class (chest radiographs are analysed;
 anything else auto-routed here is acknowledged and recorded as skipped) in the
-transfer syntaxes we decode. Calling AE allow-list, optional Called AE check, maximum
-associations and TLS come from ``[listener]`` settings. Without a broker the jobs run
+transfer syntaxes we decode. Calling AE allow-list, optional Called AE check, association
+slots by address (:mod:`listeners.admission`), timeouts and TLS come from ``[listener]``
+settings. Without a broker the jobs run
 in this process (:class:`workers.local.LocalWorkerPool`); with ``--broker`` they go to
 Celery workers. On start, every unfinished job in the ledger is queued again.
 """
@@ -40,6 +41,7 @@ from cxr_pipeline.service.metrics import LedgerCollector, MetricsServer, start_m
 from cxr_pipeline.service.send import describe_routing
 from cxr_pipeline.service.spool import Spool
 from cxr_pipeline.settings import Settings, load_settings, parse_destination
+from listeners.admission import Admission, AdmissionPolicy
 from listeners.handlers import StoreHandler, handle_echo
 from listeners.security import EdgeGuard
 from listeners.server import pdu_inspector, start_guarded_server
@@ -61,16 +63,11 @@ and any transcoding by the sender risks a lossy re-encode. Senders propose a los
 syntax only for data already lossy, unless configured to compress."""
 
 
-ASSOCIATION_REQUEST_TIMEOUT_S = 10.0
-"""ARTIM: how long a new TCP connection may take to send its A-ASSOCIATE-RQ (pynetdicom's
-``acse_timeout``, default 30 s). Idle connections count against ``max_associations``, so
-a handful of silent sockets would lock real senders out for that long; a PACS sends its
-request at once after connecting."""
-
-
-REQUEST_DEADLINE_S = ASSOCIATION_REQUEST_TIMEOUT_S + 5.0
-"""A connection whose association is not established this long after it was accepted is
-closed (a client trickling its request byte by byte never trips ARTIM's wait)."""
+PYNETDICOM_ASSOCIATION_CEILING = 1024
+"""pynetdicom's own ``maximum_associations``, set out of the way: it counts every acceptor
+thread, including those winding down after their socket was closed, and checks only once a
+request was read. :mod:`listeners.admission` counts connections by address from accept
+(``listener.max_associations`` and the per-address cap); this stays as a last bound."""
 
 
 def build_ae(settings: Settings) -> AE:
@@ -79,7 +76,8 @@ def build_ae(settings: Settings) -> AE:
     Parameters
     ----------
     settings
-        ``[listener]``: AE title, allowed calling AEs, called-AE check, max associations.
+        ``[listener]``: AE title, allowed calling AEs, called-AE check, timeouts (the
+        association limits are :mod:`listeners.admission`'s).
 
     Returns
     -------
@@ -98,8 +96,13 @@ def build_ae(settings: Settings) -> AE:
         # reason 3 "calling AE title not recognised" (PS3.8 9.3.4).
         ae.require_calling_aet = list(listener.allowed_calling_aes)
     ae.require_called_aet = listener.require_called_ae
-    ae.maximum_associations = listener.max_associations
-    ae.acse_timeout = ASSOCIATION_REQUEST_TIMEOUT_S
+    ae.maximum_associations = PYNETDICOM_ASSOCIATION_CEILING
+    # ARTIM (a connection's wait for its A-ASSOCIATE-RQ; pynetdicom's default is 30 s) and
+    # the wait for an A-RELEASE-RP. A PACS sends its request at once after connecting.
+    ae.acse_timeout = listener.association_request_timeout_s
+    # pynetdicom's idle limit counts whole PDUs: it would abort a slow link in the middle of
+    # one. The admission watchdog measures idleness byte by byte instead.
+    ae.network_timeout = None
     return ae
 
 
@@ -116,6 +119,7 @@ class Service:
     guard: EdgeGuard | None = None
     watchdog: threading.Event | None = None
     stow: StowServer | None = None
+    admission: Admission | None = None
 
     @property
     def port(self) -> int:
@@ -186,9 +190,11 @@ def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Servi
     # Issue 14: peers by address, audit trail, reasoned refusals (listeners/security.py).
     guard = EdgeGuard(settings, trail_for(settings), ledger)
     store = StoreHandler(settings, spool, ledger, queue)
+    # Issue 21: slots by address, a reserve for known peers, short leashes.
+    admission = Admission(AdmissionPolicy.from_settings(settings), guard.admission_acted)
     try:
-        # pynetdicom's server with socket timeouts, a request deadline and a PDU length
-        # bound (listeners/server.py; hostile clients at the socket, issue 14).
+        # pynetdicom's server with socket timeouts, admission and a PDU length bound
+        # (listeners/server.py; hostile clients at the socket, issues 14 and 21).
         server, watchdog = start_guarded_server(
             ae,
             (listener.host, listener.port),
@@ -200,16 +206,16 @@ def start_service(settings: Settings, *, queue: JobQueue | None = None) -> Servi
             ssl_context=server_context(
                 listener.tls,
                 on_error=guard.tls_error,
-                inspector=pdu_inspector(guard.connection_refused),
+                inspector=pdu_inspector(guard.connection_refused, admission.touch),
             ),
-            request_deadline_s=REQUEST_DEADLINE_S,
+            admission=admission,
             on_refused=guard.connection_refused,
         )
     except BaseException:
         queue.close()
         raise
     service = Service(settings=settings, server=server, queue=queue, ledger=ledger, spool=spool)
-    service.guard, service.watchdog = guard, watchdog
+    service.guard, service.watchdog, service.admission = guard, watchdog, admission
     guard.application(started=True)
     try:
         # STOW-RS in (issue 20): the same admission as C-STORE, off unless configured.

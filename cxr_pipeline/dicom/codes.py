@@ -191,6 +191,24 @@ class DimseStatus:
     WARNING_DATASET_MISMATCH = 0xB007
 
 
+class AssociateReject:
+    """A-ASSOCIATE-RJ Result, Source and Reason/Diag. values (PS3.8 9.3.4, Table 9-21)."""
+
+    REJECTED_PERMANENT = 0x01
+    REJECTED_TRANSIENT = 0x02
+    """Transient: the requestor may try again later (a PACS retries)."""
+    SOURCE_SERVICE_USER = 0x01
+    SOURCE_SERVICE_PROVIDER_PRESENTATION = 0x03
+    """DICOM UL service-provider (presentation related function)."""
+    CALLING_AE_NOT_RECOGNISED = 0x03
+    """Reason of source 1 (service user)."""
+    CALLED_AE_NOT_RECOGNISED = 0x07
+    """Reason of source 1 (service user)."""
+    LOCAL_LIMIT_EXCEEDED = 0x02
+    """Reason of source 3 (presentation related): what pynetdicom answers at its association
+    limit, and what the listener answers when an address or the listener is at its cap."""
+
+
 STORE_SUCCESS_STATUSES: frozenset[int] = frozenset(
     {
         DimseStatus.SUCCESS,

@@ -11,7 +11,9 @@ Events written:
 - Begin Transferring DICOM Instances (110102) and DICOM Instances Transferred (110104),
   for instances received by the listener (one pair per association) and results sent.
 - Security Alert (110113): a rejected association (AE title or address not allowed), a
-  failed TLS handshake (in or out), a command the listener aborts the association for.
+  failed TLS handshake (in or out), a command the listener aborts the association for, a
+  cap or timeout of the listener's admission by address (at most once per address per
+  minute).
 
 Messages carry AE titles, addresses, Study and SOP Class UIDs and counts: never a patient
 name or ID (the Patient participant PS3.15 suggests for 110104 is left out on purpose:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, Counter, Histogram, make_wsgi_app
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -67,6 +67,19 @@ JOBS_FAILED = Counter(
 SEND_RETRIES = Counter(
     "cxr_send_retries",
     "C-STORE attempts of results that failed and were tried again.",
+)
+ASSOCIATIONS_REFUSED = Counter(
+    "cxr_associations_refused",
+    "Connections the listener refused or ended, by reason: address_cap, listener_full, "
+    "known_peer_reserve (refused on arrival), request_timeout (no association in time), "
+    "idle_timeout (an idle association released), calling_ae, called_ae, pdu_too_large.",
+    ["reason"],
+)
+ASSOCIATIONS_ACTIVE = Gauge(
+    "cxr_associations_active",
+    "Connections holding one of the listener's association slots (association requested "
+    "or established), by peer kind: known (a send.known_peers address) or unknown.",
+    ["peer_kind"],
 )
 STAGE_SECONDS = Histogram(
     "cxr_stage_seconds",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ from cxr_pipeline.pipeline import Engine
 from cxr_pipeline.service.ledger import JobState, Ledger
 from cxr_pipeline.service.spool import Spool
 from cxr_pipeline.settings import Settings, TlsSettings, load_settings
+from listeners.admission import PeerKind
 from listeners.storescp import Service, start_service
 from listeners.tls import client_context, server_context
 from tests.conftest import REPO_ROOT
@@ -47,12 +49,15 @@ def engine(tiny_checkpoint: Path) -> Engine:
 
 
 @contextmanager
-def listening(engine: Engine, data_dir: Path, **listener: Any) -> Iterator[Service]:
+def listening(
+    engine: Engine, data_dir: Path, send: dict[str, Any] | None = None, **listener: Any
+) -> Iterator[Service]:
     settings = load_settings(
         data_dir=data_dir,
         model=engine.settings.model.model_dump(),
         explain={"method": "none"},
         listener={"host": "127.0.0.1", "port": 0, "min_free_bytes": 1_000_000, **listener},
+        send=send or {},
     )
     merged = Engine(settings=settings, predictor=engine.predictor)
     service = start_service(settings, queue=_pool(settings, merged, data_dir))
@@ -118,6 +123,57 @@ def test_association_limit(engine: Engine, tmp_path: Path) -> None:
         second = _scu().associate("127.0.0.1", service.port, ae_title="CXR_PIPELINE")
         assert second.is_rejected
         first.release()
+
+
+def _from(address: str, port: int, calling: str = "ORTHANC") -> Any:
+    """Associate from ``address`` (a loopback address) to the listener."""
+    return _scu(calling).associate(
+        "127.0.0.1", port, ae_title="CXR_PIPELINE", bind_address=(address, 0)
+    )
+
+
+def test_known_peer_has_reserved_slots_and_a_longer_leash(engine: Engine, tmp_path: Path) -> None:
+    pacs = {"known_peers": [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}]}
+    limits = {"max_associations": 6, "idle_timeout_s": 2.0, "known_peer_idle_timeout_s": 60.0}
+    with listening(engine, tmp_path, send=pacs, **limits) as service:
+        # Two unknown addresses share the 6 - 4 = 2 slots not reserved for known peers.
+        unknown = [_from(address, service.port) for address in ("127.0.0.2", "127.0.0.3") * 2]
+        assert [a.is_established for a in unknown] == [True, True, False, False]
+        refused = unknown[2].acceptor.primitive
+        # PS3.8 9.3.4: rejected-transient (2), service-provider presentation (3), local
+        # limit exceeded (2): try again later.
+        assert (refused.result, refused.result_source, refused.diagnostic) == (2, 3, 2)
+        # The known PACS always has its per-address cap of room.
+        known = [_from("127.0.0.1", service.port) for _ in range(4)]
+        assert all(a.is_established for a in known)
+        assert _from("127.0.0.1", service.port).is_rejected  # its own cap
+        assert service.admission is not None
+        assert service.admission.counts() == {PeerKind.KNOWN: 4, PeerKind.UNKNOWN: 2}
+        # Idle: the unknown peers are released after 2 s, the known one is kept.
+        time.sleep(2.0 + 3.0)
+        assert not any(a.is_established for a in unknown[:2])
+        assert all(a.is_released for a in unknown[:2])
+        assert all(a.is_established for a in known)
+        assert known[0].send_c_echo().Status == DimseStatus.SUCCESS
+        for assoc in known:
+            assoc.release()
+
+
+def test_idle_tls_association_is_released_while_an_active_one_is_kept(
+    engine: Engine, tmp_path: Path, tls_pairs: dict[str, tuple[Path, Path]]
+) -> None:
+    cert, key = tls_pairs["server"]
+    tls = {"enabled": True, "certificate": str(cert), "private_key": str(key)}
+    with listening(engine, tmp_path, tls=tls, idle_timeout_s=2.0) as service:
+        idle = _tls_assoc(service.port, client_context(cert))
+        busy = _tls_assoc(service.port, client_context(cert))
+        assert idle.is_established and busy.is_established
+        for _ in range(8):  # 6 s of a C-ECHO every 0.75 s: never idle for 2 s
+            assert busy.send_c_echo().Status == DimseStatus.SUCCESS
+            time.sleep(0.75)
+        assert not idle.is_established and idle.is_released
+        assert busy.is_established
+        busy.release()
 
 
 # -- refusals --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -87,6 +88,26 @@ def chest_datasets(
                 **attrs,
             )
         )
+    return out
+
+
+def real_radiographs(files: Sequence[Path], count: int) -> list[Dataset]:
+    """``count`` copies of real DICOM radiographs (cycled), each a new instance in a new study.
+
+    Pixel data, transfer syntax and headers are the files' own; Study, Series and SOP
+    Instance UIDs are fresh, and the patient is :data:`PHI_NAME` / :data:`PHI_ID`.
+    """
+    originals = [pydicom.dcmread(path) for path in files]
+    out = []
+    for i in range(count):
+        ds = deepcopy(originals[i % len(originals)])
+        ds.StudyInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientName = PHI_NAME
+        ds.PatientID = PHI_ID
+        out.append(ds)
     return out
 
 
@@ -198,8 +219,13 @@ def service_config(
     listener: Mapping[str, Any] | None = None,
     send: Mapping[str, Any] | None = None,
     worker: Mapping[str, Any] | None = None,
+    sections: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the TOML settings shared by the listener and workers of one scenario."""
+    """Write the TOML settings shared by the listener and workers of one scenario.
+
+    ``sections``: more sections as :func:`tests.support.services.write_config` takes them
+    (e.g. ``{"metrics": {"port": 9101}}``).
+    """
     worker_section: dict[str, Any] = {
         "concurrency": 1,
         "requeue_after_s": 1.0,
@@ -231,6 +257,7 @@ def service_config(
             "send.destinations": [
                 {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}
             ],
+            **(sections or {}),
         },
     )
 

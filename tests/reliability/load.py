@@ -88,6 +88,11 @@ def run_load(
         listen_port=port,
         explain=explain,
         worker={"concurrency": 2},
+        # All senders call from 127.0.0.1: room for each of them under the per-address cap.
+        listener={
+            "max_associations_per_address": max(associations, 4),
+            "max_associations": max(associations, 10),
+        },
     )
     batches = [chest_datasets(pngs, per_association, size=size) for _ in range(associations)]
     tally = Tally(f"load {associations} x {per_association} concurrent associations")

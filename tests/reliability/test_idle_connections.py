@@ -1,9 +1,9 @@
 """Silent TCP connections must not lock real senders out of ``cxr-listen`` for long.
 
 A connection that never sends its A-ASSOCIATE-RQ holds one of ``max_associations``
-slots until the ARTIM timer closes it. The listener shortens ARTIM to
-``ASSOCIATION_REQUEST_TIMEOUT_S`` (pynetdicom's default is 30 s): a PACS retrying after
-being refused gets in soon, and its image is delivered.
+slots until the admission watchdog closes it, ``listener.association_request_timeout_s``
+after accept (pynetdicom's ARTIM default is 30 s): a PACS retrying after being refused
+gets in soon, and its image is delivered.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from cxr_pipeline.dicom.codes import DimseStatus
 from cxr_pipeline.service.ledger import JobState, Ledger
-from listeners.storescp import ASSOCIATION_REQUEST_TIMEOUT_S
+from cxr_pipeline.settings import ListenerSettings
 from tests.reliability.harness import (
     Pacs,
     Tally,
@@ -30,6 +30,8 @@ from tests.reliability.harness import (
 from tests.support.orthanc import free_port
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+
+ASSOCIATION_REQUEST_TIMEOUT_S = ListenerSettings().association_request_timeout_s
 
 
 def test_idle_sockets_free_their_slots_after_artim(
@@ -64,7 +66,7 @@ def test_idle_sockets_free_their_slots_after_artim(
         assoc.release()
         tally.answered({str(datasets[0].SOPInstanceUID): int(status.Status)})
         assert int(status.Status) == DimseStatus.SUCCESS
-        # Closed by ARTIM, not held for pynetdicom's default 30 s.
+        # Closed at the request deadline, not held for pynetdicom's default 30 s.
         assert waited < 25, f"locked out for {waited:.1f} s"
         ledger = Ledger(data_dir / "ledger.sqlite3")
         rows = wait_finished(ledger, tally.acknowledged)

@@ -98,7 +98,9 @@ def test_grafana_dashboard_uses_only_exported_metric_names() -> None:
         *(f"{c._name}_total" for c in (
             metrics.RECEIVED, metrics.ACCEPTED, metrics.SKIPPED, metrics.REFUSED,
             metrics.JOBS_DONE, metrics.JOBS_FAILED, metrics.SEND_RETRIES,
+            metrics.ASSOCIATIONS_REFUSED,
         )),
+        metrics.ASSOCIATIONS_ACTIVE._name,
         f"{metrics.STAGE_SECONDS._name}_bucket",
     }  # fmt: skip
     assert used and used <= exported, used - exported

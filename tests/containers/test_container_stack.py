@@ -4,8 +4,8 @@ Marked ``containers`` (and ``slow``): it builds the images of ``docker/`` with p
 debootstrapped Debian base and runs ``docker/compose.yaml`` (with ``docker/compose.local.yaml``
 swapping in Redis and Orthanc images built from Debian's packages), sends the real radiographs
 through Orthanc's auto-routing, kills the worker container mid-job and checks that one SR and
-one SC per file come back. A cold run (nothing cached) takes about 15 minutes here, a warm one
-about 4 (numbers in docker/README.md). Deselect with ``-m "not containers"``.
+one SC per file come back. A cold run (nothing cached) takes about 13 minutes here, a warm one
+about 3 (numbers in docker/README.md). Deselect with ``-m "not containers"``.
 The transcript is kept in ``var/test-artifacts/containers/transcript.txt``.
 """
 

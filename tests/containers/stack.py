@@ -339,6 +339,9 @@ def build_images(clock: Clock, work: Path, gpu: bool) -> dict[str, int]:
         ("NPM_CONFIG_USERCONFIG",),
     )
     tags = [*LOCAL_IMAGES, CPU_IMAGE, *([GPU_IMAGE] if gpu else []), OHIF_IMAGE]
+    # Layers of earlier builds that no tagged image uses any more (an old dependency layer
+    # is 0.8 GB): without this the store grows with every change.
+    _run(["podman", "image", "prune", "-f"], check=False)
     return {tag: _image_size(tag) for tag in [BASE_IMAGE, *tags]}
 
 

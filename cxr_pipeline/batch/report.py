@@ -12,7 +12,7 @@ import csv
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -51,7 +51,14 @@ class Row:
     sop_instance_uid, study_instance_uid, series_instance_uid
         Of the source image, where it has them.
     probability, positive, threshold
-        COVID probability and the decision at the model's operating threshold.
+        Calibrated COVID-19 probability, the decision, and the threshold it was compared
+        with (on the same calibrated scale).
+    score
+        The model's raw score (softmax of the COVID class), before calibration: what a
+        site profile is fitted on.
+    decided_by
+        What set the calibration and threshold: ``model card NAME VERSION`` or
+        ``site profile SITE``.
     model_name, model_version
         From the model card.
     decode_ms, infer_ms, explain_ms, encode_ms, send_ms
@@ -73,6 +80,8 @@ class Row:
     probability: float | None = None
     positive: bool | None = None
     threshold: float | None = None
+    score: float | None = None
+    decided_by: str = ""
     model_name: str = ""
     model_version: str = ""
     decode_ms: float | None = None
@@ -184,7 +193,12 @@ class ReportWriter:
 
     @classmethod
     def open(
-        cls, out_dir: Path, current: Iterable[InputFile] = (), *, retry_failed: bool = False
+        cls,
+        out_dir: Path,
+        current: Iterable[InputFile] = (),
+        *,
+        retry_failed: bool = False,
+        keep: Callable[[Row], bool] | None = None,
     ) -> ReportWriter:
         """Open (or create) the report of an output folder, ready to resume.
 
@@ -202,6 +216,9 @@ class ReportWriter:
             The files of this run.
         retry_failed
             Do failed files again.
+        keep
+            Rows for which it returns False are dropped too (e.g. classified by another
+            model or operating point than this run's), so their files are done again.
 
         Returns
         -------
@@ -220,6 +237,8 @@ class ReportWriter:
             if now is not None and now != row.key:
                 continue
             if retry_failed and row.status == Status.FAILED:
+                continue
+            if keep is not None and not keep(row):
                 continue
             kept.append(row)
 

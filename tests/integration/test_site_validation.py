@@ -275,6 +275,13 @@ def test_a_profile_for_another_model_version_is_refused_at_start(
                           str(out), "--site-profile", str(other), "--no-progress"]) == 2
     assert "0.9.9" in capsys.readouterr().err
     assert not out.exists()
+    # The listener with its embedded workers loads the model at start-up, and stops there.
+    from listeners.storescp import main as listen_main
+
+    config = site.root / "listen.toml"
+    config.write_text(f'[model]\nsite_profile = "{other}"\ndevice = "cpu"\n')
+    assert listen_main(["--config", str(config), "--data-dir", str(site.root / "listen"),
+                        "--port", "0"]) == 2
 
 
 def _bad_labels(root: Path, name: str, text: str) -> Path:

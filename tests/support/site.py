@@ -69,7 +69,7 @@ def choose_images(manifest: Path, n_per_class: int, seed: int = 0) -> list[dict[
 
 
 def build_site(root: Path, data_dir: Path, *, n_per_class: int = 80, size: int = 384,
-               seed: int = 0) -> list[SiteImage]:
+               seed: int = 0, rows: list[dict[str, str]] | None = None) -> list[SiteImage]:
     """Write the site's DICOM files under ``root`` and return what each one is.
 
     Parameters
@@ -84,6 +84,8 @@ def build_site(root: Path, data_dir: Path, *, n_per_class: int = 80, size: int =
         Longest side of the written images.
     seed
         Choice of patients.
+    rows
+        Manifest rows to write instead of :func:`choose_images`' choice.
 
     Returns
     -------
@@ -91,7 +93,9 @@ def build_site(root: Path, data_dir: Path, *, n_per_class: int = 80, size: int =
         In writing order.
     """
     written: list[SiteImage] = []
-    for i, row in enumerate(choose_images(data_dir / "manifest.csv", n_per_class, seed)):
+    if rows is None:
+        rows = choose_images(data_dir / "manifest.csv", n_per_class, seed)
+    for i, row in enumerate(rows):
         patient = row["patient_id"]
         manufacturer = _pick(MANUFACTURERS, "m" + patient)
         institution = _pick(INSTITUTIONS, "i" + patient)
@@ -140,3 +144,23 @@ def split_by_patient(images: list[SiteImage], seed: int = 0
             if image.label == label:
                 halves[0 if image.patient_id in first else 1].append(image)
     return halves
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.support.site OUT``: write a site (``OUT/site``, ``OUT/labels.csv``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.support.site")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/cxr"))
+    parser.add_argument("--per-class", type=int, default=80)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    images = build_site(args.out / "site", args.data, n_per_class=args.per_class, seed=args.seed)
+    write_labels(images, args.out / "labels.csv")
+    print(f"{len(images)} images under {args.out / 'site'}, labels in {args.out / 'labels.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

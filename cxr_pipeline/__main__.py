@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="settings TOML file (default: $CXR_CONFIG)")
     parser.add_argument("--checkpoint", type=Path, help="model checkpoint (default: packaged)")
     parser.add_argument(
+        "--site-profile", type=Path, metavar="FILE",
+        help="site profile TOML: its calibration and threshold decide (cxr-validate)",
+    )
+    parser.add_argument(
         "--heatmap", choices=("gradcam", "occlusion", "none"), help="heatmap method"
     )
     return parser
@@ -53,8 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {}
+    model: dict[str, Any] = {}
     if args.checkpoint is not None:
-        overrides["model"] = {"checkpoint": args.checkpoint}
+        model["checkpoint"] = args.checkpoint
+    if args.site_profile is not None:
+        model["site_profile"] = args.site_profile
+    if model:
+        overrides["model"] = model
     if args.heatmap is not None:
         overrides["explain"] = {"method": args.heatmap}
     try:

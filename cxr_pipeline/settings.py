@@ -117,6 +117,10 @@ class ModelSettings(_Section):
     halves CPU time on processors with AVX-512 BF16 or AMX; with the default model on the 448
     shared pictures it moved probabilities by 0.0017 on average (0.011 at most) and flipped
     2 decisions at the threshold. ``float16`` is for GPUs. Heatmaps always run in float32."""
+    site_profile: Path | None = None
+    """Site profile TOML (from ``cxr-validate --fit-site-profile``): the site's own
+    calibration map and threshold decide instead of the model card's. It must belong to the
+    loaded model (name, version, Device UID), or start-up fails. None: the card decides."""
 
 
 class ExplainSettings(_Section):

@@ -224,18 +224,32 @@ def scan_covid_xray_5k(root: Path | str, *, source: str = "covid-xray-5k") -> li
 
 
 def load_image(path: Path | str) -> np.ndarray:
-    """Read a picture as float32 (rows, cols) in [0, 1], as the pipeline does.
+    """Read an image as float32 (rows, cols) in [0, 1], as the pipeline does.
 
-    Uses :func:`cxr_pipeline.dicom.ingest.load_picture` (PIL for PNG/JPEG, SimpleITK for ITK
+    A DICOM file (recognised by content, as ``cxr-batch`` does) goes through the listener's
+    path, :func:`cxr_pipeline.dicom.ingest.load_radiograph` with the default ingest policy
+    (chest check, decode, Modality/VOI LUT, MONOCHROME1 inversion); a picture through
+    :func:`cxr_pipeline.dicom.ingest.load_picture` (PIL for PNG/JPEG, SimpleITK for ITK
     formats) where it is installed, else PIL with the same semantics.
 
     Raises
     ------
     DatasetError
-        The file cannot be read.
+        The file cannot be read, or a DICOM file is not a chest radiograph we analyse.
     """
     from cxr_pipeline.errors import CxrError
 
+    if Path(path).suffix.lower() not in IMAGE_SUFFIXES:
+        from cxr_pipeline.batch.walker import FileKind, detect_kind
+
+        if detect_kind(Path(path)) is FileKind.DICOM:
+            from cxr_pipeline.dicom.ingest import load_radiograph
+            from cxr_pipeline.settings import IngestSettings
+
+            try:
+                return load_radiograph(path, IngestSettings()).pixels
+            except (CxrError, OSError) as exc:
+                raise DatasetError(f"cannot use DICOM image {path}: {exc}") from exc
     reader: Callable[[Path | str], np.ndarray]
     try:
         reader = importlib.import_module("cxr_pipeline.dicom.ingest").load_picture

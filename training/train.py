@@ -286,6 +286,7 @@ def run_training(
     *,
     progress: bool = True,
     training_data: str = "",
+    initial: tuple[nn.Module, ModelCard] | None = None,
 ) -> TrainResult:
     """Train a model on ``train``, choosing epoch and threshold on ``val``.
 
@@ -301,6 +302,10 @@ def run_training(
         Show a rich progress bar.
     training_data
         Summary written into the model card.
+    initial
+        Start from this trained model and card (e.g. the packaged one) instead of
+        ``cfg.weights``: its architecture and preprocessing are kept (``cfg.architecture``,
+        ``cfg.weights`` and the preprocessing options are not used); the model is copied.
 
     Returns
     -------
@@ -323,8 +328,13 @@ def run_training(
     np.random.seed(cfg.seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
-    spec = preprocessing_for(cfg)
-    model = build_model(cfg.architecture, weights=cfg.weights).to(device)
+    if initial is not None:
+        cfg = replace(cfg, architecture=initial[1].architecture)
+        spec = initial[1].preprocessing
+        model = copy.deepcopy(initial[0]).to(device)
+    else:
+        spec = preprocessing_for(cfg)
+        model = build_model(cfg.architecture, weights=cfg.weights).to(device)
     if cfg.finetune_blocks > 0:
         backbone, head = split_for_finetune(model, cfg.architecture, cfg.finetune_blocks)
         freeze(backbone)
@@ -459,7 +469,9 @@ def run_training(
                  "best_epoch": float(best_epoch),
                  "target_sensitivity": cfg.target_sensitivity},
         intended_use=INTENDED_USE,
-        base_weights=base_weights_of(cfg),
+        base_weights=base_weights_of(cfg) if initial is None else (
+            f"fine-tuned from {initial[1].name} {initial[1].version} (Device UID "
+            f"{initial[1].device_uid}; its base weights: {initial[1].base_weights})"),
     )
     return TrainResult(model=model, card=card, best_epoch=best_epoch, history=history,
                        seconds=time.perf_counter() - start)
@@ -517,8 +529,16 @@ def write_card_json(card: ModelCard, checkpoint: Path) -> Path:
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="cxr-train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--split", type=Path, required=True, help="split manifest from cxr-split")
-    p.add_argument("--data-dir", type=Path, required=True, help="folder the paths are under")
+    p.add_argument("inputs", nargs="*", type=Path, metavar="INPUT",
+                   help="with --labels: the site's DICOM files or folders")
+    p.add_argument("--split", type=Path, help="split manifest from cxr-split")
+    p.add_argument("--data-dir", type=Path, help="folder the split's paths are under")
+    p.add_argument("--labels", type=Path, metavar="LABELS.csv",
+                   help="train on the site's own DICOM under INPUT (label, path or "
+                        "sop_instance_uid, optional patient_id), as cxr-validate reads them")
+    p.add_argument("--init", metavar="packaged|CHECKPOINT",
+                   help="with --labels: start from this model and train its head only")
+    p.add_argument("--config", type=Path, help="settings TOML (the ingest policy for --labels)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.pt)")
     p.add_argument("--architecture", default=d.architecture, choices=ARCHITECTURES)
     p.add_argument("--weights", default=d.weights,
@@ -592,6 +612,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_progress:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = config_from_args(args)
+    if args.labels is not None or args.inputs:
+        console.print("[bold red]cxr-train: the INPUT... --labels form is run by the cxr-train "
+                      "command (training.finetune.main)")
+        return 2
+    if args.split is None or args.data_dir is None:
+        console.print("[bold red]cxr-train: give --split and --data-dir, or INPUT... --labels")
+        return 2
     try:
         samples = read_manifest(args.split)
         train = [s for s in samples if s.split == "train"]

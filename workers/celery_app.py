@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr_pipeline.errors import ConfigError
+from cxr_pipeline.errors import CxrError
 from cxr_pipeline.settings import load_settings
 from workers.broker import create_app
 
@@ -65,7 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, **overrides)
         app = create_app(settings)
-    except ConfigError as exc:
+        # The model loads in each pool process on its first task: check a configured
+        # site profile against it now, so a wrong one stops the worker at start-up.
+        from cxr_pipeline.model.site_profile import check_configured_profile
+
+        check_configured_profile(settings.model)
+    except CxrError as exc:
         print(f"cxr-worker: {exc}")
         return 2
     logging.basicConfig(

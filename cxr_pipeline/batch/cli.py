@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML settings file (default $CXR_CONFIG)")
     parser.add_argument("--checkpoint", type=Path, help="model checkpoint (default: packaged)")
     parser.add_argument(
+        "--site-profile",
+        type=Path,
+        metavar="FILE",
+        help="site profile TOML (cxr-validate --fit-site-profile): its calibration and "
+        "threshold decide instead of the model card's",
+    )
+    parser.add_argument(
         "--precision",
         choices=("float32", "bfloat16", "float16"),
         help="forward-pass compute type (bfloat16: about 2x faster on CPUs with AVX-512 BF16)",
@@ -130,6 +137,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         model["checkpoint"] = str(args.checkpoint)
     if args.precision is not None:
         model["precision"] = args.precision
+    if args.site_profile is not None:
+        model["site_profile"] = str(args.site_profile)
     if model:
         overrides["model"] = model
     batch: dict[str, Any] = {}

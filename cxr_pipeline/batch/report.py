@@ -51,7 +51,14 @@ class Row:
     sop_instance_uid, study_instance_uid, series_instance_uid
         Of the source image, where it has them.
     probability, positive, threshold
-        COVID probability and the decision at the model's operating threshold.
+        Calibrated COVID-19 probability, the decision, and the threshold it was compared
+        with (on the same calibrated scale).
+    score
+        The model's raw score (softmax of the COVID class), before calibration: what a
+        site profile is fitted on.
+    decided_by
+        What set the calibration and threshold: ``model card NAME VERSION`` or
+        ``site profile SITE``.
     model_name, model_version
         From the model card.
     decode_ms, infer_ms, explain_ms, encode_ms, send_ms
@@ -73,6 +80,8 @@ class Row:
     probability: float | None = None
     positive: bool | None = None
     threshold: float | None = None
+    score: float | None = None
+    decided_by: str = ""
     model_name: str = ""
     model_version: str = ""
     decode_ms: float | None = None
@@ -191,6 +200,7 @@ class ReportWriter:
         *,
         retry_failed: bool = False,
         redo: Callable[[Row], bool] | None = None,
+        keep: Callable[[Row], bool] | None = None,
     ) -> ReportWriter:
         """Open (or create) the report of an output folder, ready to resume.
 
@@ -211,6 +221,9 @@ class ReportWriter:
         redo
             Also drop the earlier rows it says yes to (a PACS run: failed retrieves of the
             studies it matches again).
+        keep
+            Rows for which it returns False are dropped too (e.g. classified by another
+            model or operating point than this run's), so their files are done again.
 
         Returns
         -------
@@ -231,6 +244,8 @@ class ReportWriter:
             if retry_failed and row.status == Status.FAILED:
                 continue
             if redo is not None and redo(row):
+                continue
+            if keep is not None and not keep(row):
                 continue
             kept.append(row)
 

@@ -202,6 +202,8 @@ class RunContext:
                 probability=round(finding.probability, 6),
                 positive=finding.positive,
                 threshold=finding.threshold,
+                score=finding.score,
+                decided_by=finding.decided_by,
                 model_name=card.name,
                 model_version=card.version,
                 decode_ms=round(decoded.decode_ms, 3),
@@ -304,7 +306,8 @@ def run_batch(
     options
         SR / SC / heatmaps / send.
     predictor
-        A loaded model; None loads ``settings.model`` (only if there is work to do).
+        A loaded model; None loads ``settings.model`` (with its site profile, if set).
+        Earlier rows classified by another model or operating point are done again.
     on_start, on_row
         Progress hooks.
 
@@ -319,26 +322,54 @@ def run_batch(
     out = Path(out_dir).resolve()
     files = list(walk(inputs, exclude=[out]))
     summary = Summary()
-    with ReportWriter.open(out, files, retry_failed=settings.batch.retry_failed) as report:
-        finished = report.finished
-        todo = [item for item in files if item.key not in finished]
-        summary.already_done = len(files) - len(todo)
-        if on_start is not None:
-            on_start(len(todo), summary.already_done)
-        if todo:
-            threads = torch.get_num_threads()
-            executor = decode_pool(settings, decode_workers(settings))
-            try:
-                predictor = predictor or Predictor.from_settings(settings.model)
-                run = RunContext(settings, options, report, predictor, summary, on_row)
-                process_feed(run, Feed.of(todo), executor)
-            except KeyboardInterrupt:
-                summary.interrupted = True
-            finally:
-                executor.shutdown(wait=True, cancel_futures=True)
-                torch.set_num_threads(threads)
+    if not files:
+        summary.wall_s = time.perf_counter() - wall_start
+        return summary
+    threads = torch.get_num_threads()
+    # Started first, so the decode processes' imports overlap with loading the model.
+    executor = decode_pool(settings, decode_workers(settings))
+    try:
+        # Loaded before the report is touched: a checkpoint or site profile that cannot be
+        # used fails here, and the report's rows are checked against what decides now.
+        predictor = predictor or Predictor.from_settings(settings.model)
+        current = _decision_maker(predictor)
+        with ReportWriter.open(
+            out,
+            files,
+            retry_failed=settings.batch.retry_failed,
+            keep=lambda row: row.status != Status.DONE or _decided_by(row) == current,
+        ) as report:
+            finished = report.finished
+            todo = [item for item in files if item.key not in finished]
+            summary.already_done = len(files) - len(todo)
+            if on_start is not None:
+                on_start(len(todo), summary.already_done)
+            if todo:
+                try:
+                    run = RunContext(settings, options, report, predictor, summary, on_row)
+                    process_feed(run, Feed.of(todo), executor)
+                except KeyboardInterrupt:
+                    summary.interrupted = True
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
     summary.wall_s = time.perf_counter() - wall_start
     return summary
+
+
+def _decision_maker(predictor: Predictor) -> tuple[str, str, str]:
+    """Model name, version and what decides (card or site profile) for this run's rows."""
+    card = predictor.card
+    return (card.name, card.version, predictor.finding(0.5).decided_by)
+
+
+def _decided_by(row: Row) -> tuple[str, str, str]:
+    """Give the same triple for a row an earlier run wrote.
+
+    A row of another model or operating point, or from before rows recorded what decided,
+    is done again.
+    """
+    return (row.model_name, row.model_version, row.decided_by)
 
 
 FEED_POLL_S = 0.2

@@ -25,6 +25,7 @@ from cxr_pipeline.model.architectures import default_checkpoint_path, load_check
 from cxr_pipeline.model.calibration import OperatingPoint
 from cxr_pipeline.model.card import ModelCard
 from cxr_pipeline.model.preprocess import preprocess
+from cxr_pipeline.model.site_profile import load_site_profile
 from cxr_pipeline.results import Finding
 from cxr_pipeline.settings import ModelSettings
 
@@ -281,18 +282,32 @@ class Predictor:
     def from_settings(cls, settings: ModelSettings) -> Predictor:
         """Build from the ``[model]`` settings; no checkpoint means the packaged default.
 
+        Every service builds its model here (the pipeline :class:`Engine`, the workers,
+        ``cxr-batch``), so this is where a configured site profile takes over the
+        operating point, once per process.
+
         Parameters
         ----------
         settings
-            Checkpoint path, device, batch size and memory format.
+            Checkpoint path, device, batch size, memory format, site profile.
 
         Returns
         -------
         Predictor
-            The loaded predictor.
+            The loaded predictor, deciding with the site profile when one is set.
+
+        Raises
+        ------
+        CheckpointError
+            The checkpoint cannot be loaded.
+        ConfigError
+            The site profile cannot be read or belongs to another model.
         """
+        profile = None
+        if settings.site_profile is not None:  # read first: a bad file fails before the model
+            profile = load_site_profile(settings.site_profile)
         path = settings.checkpoint if settings.checkpoint is not None else default_checkpoint_path()
-        return cls.from_checkpoint(
+        predictor = cls.from_checkpoint(
             path,
             device=settings.device,
             channels_last=settings.channels_last,
@@ -300,6 +315,14 @@ class Predictor:
             precision=settings.precision,
             fold_batch_norm=settings.fold_batch_norm,
         )
+        if profile is not None:
+            profile.check_model(predictor.card, path=settings.site_profile)
+            predictor.use_operating_point(profile.operating_point())
+            log.info(
+                "site profile %s (%s) decides for %s", settings.site_profile, profile.site,
+                profile.model,
+            )
+        return predictor
 
     def _check(self, batch: torch.Tensor) -> None:
         if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1] != 3:

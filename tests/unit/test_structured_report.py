@@ -17,14 +17,16 @@ from pydicom.sr.codedict import codes
 
 from cxr_pipeline.dicom.codes import (
     ABSENT,
+    CODE_MEANING_MAX,
     COVID19,
-    PRESENT,
-    PROBABILITY_COVID19_PRESENT,
+    COVID19_NOT_SUSPECTED_DISPLAY,
+    COVID19_SUSPECTED_DISPLAY,
+    SUSPECTED,
     UCUM_PERCENT,
     SopClass,
 )
 from cxr_pipeline.encode.reading import read_structured_report
-from cxr_pipeline.encode.structured_report import build_structured_report
+from cxr_pipeline.encode.structured_report import build_structured_report, display_concept
 from cxr_pipeline.errors import EncodeError
 from cxr_pipeline.model.card import ModelCard
 from cxr_pipeline.results import Finding
@@ -84,10 +86,10 @@ def test_sr_is_valid_and_reads_back(
     assert '(126000,DCM,"Imaging Measurement Report")' in dump
     assert '(121058,DCM,"Procedure reported")=(36554-4,LN,' in dump
     assert '(121071,DCM,"Finding")=(840539006,SCT,"COVID-19")' in dump
-    decision = PRESENT if positive else ABSENT
+    decision = SUSPECTED if positive else ABSENT
     assert f'(840539006,SCT,"COVID-19")=({decision.value},SCT,' in dump
     assert '(111012,DCM,"Certainty of Finding")' in dump
-    assert "(1,UCUM," in dump
+    assert "(%,UCUM," in dump
     assert rg1_header.SOPInstanceUID in dsr2html(path)
 
     back = read_structured_report(path)
@@ -102,6 +104,8 @@ def test_sr_is_valid_and_reads_back(
     assert back.algorithm_name == card.name
     assert back.algorithm_version == card.version
     assert "threshold=0.5" in back.algorithm_parameters
+    assert back.threshold == 0.5
+    assert back.parameter("threshold_scale") == "raw score"
     assert "architecture=squeezenet1_1" in back.algorithm_parameters
     assert back.verification_flag == "UNVERIFIED"
     assert back.sop_instance_uid == sr.SOPInstanceUID
@@ -326,11 +330,12 @@ def test_planar_region_group_outlines_the_salient_area(
     referenced = region.ContentSequence[0].ReferencedSOPSequence[0]
     assert referenced.ReferencedSOPInstanceUID == rg1_header.SOPInstanceUID
     (label,) = group.get_measurements()
-    assert label.name == PROBABILITY_COVID19_PRESENT
+    assert label.name.value == COVID19_SUSPECTED_DISPLAY.value
+    assert label.name.meaning == "COVID-19 suspected (above the operating point, 50 %)"
     assert label.value == pytest.approx(87.31)
     assert label.unit == UCUM_PERCENT
     declared = sr.CodingSchemeIdentificationSequence[0]
-    assert declared.CodingSchemeDesignator == PROBABILITY_COVID19_PRESENT.scheme_designator
+    assert declared.CodingSchemeDesignator == COVID19_SUSPECTED_DISPLAY.scheme_designator
 
 
 def test_without_heatmap_the_region_is_the_whole_image(
@@ -344,7 +349,7 @@ def test_without_heatmap_the_region_is_the_whole_image(
     rows = [r for _, r in back.region_points]
     assert (min(cols), max(cols)) == (0.0, float(rg1_header.Columns))
     assert (min(rows), max(rows)) == (0.0, float(rg1_header.Rows))
-    assert "COVID-19 Absent, probability" in dsrdump(path)
+    assert "COVID-19 not suspected (below the operating point, 50 %)" in dsrdump(path)
 
 
 def test_every_container_is_separate_and_dsr2html_labels_every_value(
@@ -360,16 +365,119 @@ def test_every_container_is_separate_and_dsr2html_labels_every_value(
     stored = dcmread(path)
     numbers = [
         item.MeasuredValueSequence[0].NumericValue
-        for group in stored.ContentSequence[-1].ContentSequence
-        for item in group.ContentSequence
+        for item in _items(stored)
         if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "111012"
     ]
     assert len(numbers) == 1
     written = str(numbers[0])
-    assert written.startswith("0.174466")
-    assert f"Certainty of Finding: {written} 1" in text
+    assert written.startswith("17.446625")
+    assert f"Certainty of Finding = {written} %" in text
     assert "COVID-19: Absent" in text
-    assert "COVID-19" in text
+    assert "COVID-19 not suspected (below the operating point, 50 %): 17.4466 %" in text
+    assert "Present" not in text
+
+
+def _items(item: Dataset) -> list[Dataset]:
+    found = []
+    for child in item.get("ContentSequence", []):
+        found.append(child)
+        found.extend(_items(child))
+    return found
+
+
+def ohif_lines(path: Path) -> list[str]:
+    """The text lines OHIF v3.13 draws beside an SR's region (its cornerstone-dicom-sr logic).
+
+    Measurement groups of Imaging Measurements are merged by Tracking UID; every NUM item
+    directly in a merged group with a measured value becomes "meaning: value(2 dp) unit".
+    """
+    ds = dcmread(path)
+    imaging = next(
+        i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"
+    )
+    merged: dict[str, list[Dataset]] = {}
+    for group in imaging.ContentSequence:
+        uid = next(i.UID for i in group.ContentSequence if i.ValueType == "UIDREF")
+        merged.setdefault(uid, []).extend(group.ContentSequence)
+    lines = []
+    for content in merged.values():
+        for item in content:
+            if item.ValueType == "NUM" and "MeasuredValueSequence" in item:
+                value = item.MeasuredValueSequence[0]
+                lines.append(
+                    f"{item.ConceptNameCodeSequence[0].CodeMeaning}: "
+                    f"{float(value.NumericValue):.2f} "
+                    f"{value.MeasurementUnitsCodeSequence[0].CodeValue}"
+                )
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("finding", "line"),
+    [
+        (
+            Finding(0.2345, 0.1234, target_sensitivity=0.98, calibration_method="platt",
+                    decided_by="model card m 1"),
+            "COVID-19 suspected (above the 98 %-sensitivity point, 12 %): 23.45 %",
+        ),
+        (
+            Finding(0.031, 0.1234, target_sensitivity=0.98, calibration_method="platt"),
+            "COVID-19 not suspected (below the 98 %-sensitivity point, 12 %): 3.10 %",
+        ),
+        (Finding(0.9594, 0.5), "COVID-19 suspected (above the operating point, 50 %): 95.94 %"),
+    ],
+)
+def test_ohif_draws_one_statement_and_dsr2html_shows_the_operating_point(
+    rg1_header: Dataset,
+    card: ModelCard,
+    settings: OutputSettings,
+    tmp_path: Path,
+    finding: Finding,
+    line: str,
+) -> None:
+    sr = build_structured_report(rg1_header, finding, card, settings)
+    path = _write(sr, tmp_path, "sr.dcm")
+    _assert_valid(path)
+    # No second "Certainty of Finding: 0.23 1" line: the standard NUM sits below the
+    # coded decision, which OHIF does not print.
+    assert ohif_lines(path) == [line]
+    assert read_structured_report(path).display == line
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dsr2html(path)))
+    assert "Present" not in text
+    assert f"threshold={finding.threshold:.6g}" in text
+    assert "COVID-19: Suspected" in text if finding.positive else "COVID-19: Absent" in text
+
+
+def test_algorithm_parameters_record_the_operating_point_and_who_set_it(
+    rg1_header: Dataset, card: ModelCard, settings: OutputSettings, tmp_path: Path
+) -> None:
+    finding = Finding(0.4, 0.2, score=0.05, decided_by="site profile St Elsewhere",
+                      target_sensitivity=0.95, calibration_method="isotonic")
+    path = _write(build_structured_report(rg1_header, finding, card, settings), tmp_path, "s.dcm")
+    back = read_structured_report(path)
+    assert back.probability == pytest.approx(0.4)
+    assert back.positive
+    assert back.evaluation == SUSPECTED
+    assert back.threshold == pytest.approx(0.2)
+    assert back.parameter("threshold_scale") == "calibrated probability (isotonic)"
+    assert back.parameter("target_sensitivity") == "0.95"
+    assert back.parameter("decided_by") == "site profile St Elsewhere"
+    assert back.display.startswith("COVID-19 suspected (above the 95 %-sensitivity point, 20 %)")
+
+
+@pytest.mark.parametrize("positive", [True, False])
+@pytest.mark.parametrize("target", [None, 0.98, 0.975])
+@pytest.mark.parametrize("threshold", [0.5, 0.1234567, 0.0156])
+def test_display_meaning_always_fits_its_vr_and_names_the_decision(
+    positive: bool, target: float | None, threshold: float
+) -> None:
+    probability = threshold + (1e-5 if positive else -1e-5)
+    finding = Finding(probability, threshold, target_sensitivity=target)
+    code = display_concept(finding)
+    assert len(code.meaning) <= CODE_MEANING_MAX
+    wanted = COVID19_SUSPECTED_DISPLAY if positive else COVID19_NOT_SUSPECTED_DISPLAY
+    assert code.value == wanted.value
+    assert code.meaning.startswith(wanted.meaning + " (")
 
 
 def test_series_and_content_dates_are_set(

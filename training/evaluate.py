@@ -396,7 +396,9 @@ def _reliability_panels(report: EvaluationReport, samples: Sequence[Sample],
                         *[(r.source, src == r.source) for r in report.per_source]]:
         r = by_scope[scope]
         panels.append(ReliabilityPanel(
-            title=f"{scope} ({r.n} images, {r.n_covid} COVID)", raw=np.asarray(scores)[mask],
+            # The source's name up to "/" keeps three panel titles apart.
+            title=f"{scope.split('/')[0]} ({r.n} images, {r.n_covid} COVID)",
+            raw=np.asarray(scores)[mask],
             calibrated=calibrated[mask], labels=labels[mask],
             ece_before=r.ece_before, ece_after=r.ece_after))
     return panels

@@ -107,12 +107,16 @@ class Finding:
         target = f"{100.0 * self.target_sensitivity:.1f}".rstrip("0").rstrip(".")
         return f"the {target} %-sensitivity point"
 
+    def side(self) -> str:
+        """``"above"``, ``"at"`` or ``"below"``: the probability against the threshold."""
+        if not self.positive:
+            return "below"
+        return "above" if self.probability > self.threshold else "at"
+
     def relation(self) -> str:
         """Where the probability lies: ``"above the 98 %-sensitivity point, 12 %"``."""
         _, threshold = percent_pair(self.probability, self.threshold)
-        side = ("below" if not self.positive
-                else "above" if self.probability > self.threshold else "at")
-        return f"{side} {self.point_name()}, {threshold} %"
+        return f"{self.side()} {self.point_name()}, {threshold} %"
 
     def probability_text(self) -> str:
         """Format the probability as a percentage, as precise as the comparison needs."""

@@ -154,19 +154,32 @@ DISPLAY_CODING_SCHEME = "99CXRPL"
 every SR's Coding Scheme Identification Sequence."""
 DISPLAY_CODING_SCHEME_NAME = "cxr-pipeline result display concepts"
 
-COVID19_SUSPECTED_DISPLAY = Code("CXRPL003", DISPLAY_CODING_SCHEME, "COVID-19 suspected")
-"""NUM concept of the salient-region group of a flagged image; value: the calibrated
-probability in percent.
-
-OHIF v3 prints a measurement group as "concept meaning: value unit" lines, and nothing else
-of it, so this concept's meaning in each SR carries the whole statement with its operating
-point, e.g. "COVID-19 suspected (above the 98 %-sensitivity point, 12 %)", and OHIF shows
-"COVID-19 suspected (above the 98 %-sensitivity point, 12 %): 23.00 %". The code value
-identifies the concept; the meaning is this text extended with the operating point."""
-COVID19_NOT_SUSPECTED_DISPLAY = Code(
-    "CXRPL004", DISPLAY_CODING_SCHEME, "COVID-19 not suspected"
+COVID19_SUSPECTED_DISPLAY = Code(
+    "CXRPL003", DISPLAY_CODING_SCHEME, "COVID-19 suspected, probability"
 )
-"""NUM concept of the salient-region group of an image below the operating point."""
+"""First NUM of the salient-region group of a flagged image: the calibrated probability in %.
+
+OHIF v3 prints the NUMs at the top of a measurement group as "concept meaning: value unit"
+lines and nothing else of the group, so the decision and its operating point travel in two
+NUMs whose lines read as one statement::
+
+    COVID-19 suspected, probability: 42.39 %
+    above the 98 %-sensitivity point: 27.00 %
+
+Two short lines, not one long one: OHIF places the text beside the region, and a single line
+with the whole statement ran off the viewport in the screenshot at 1600 x 1000."""
+COVID19_NOT_SUSPECTED_DISPLAY = Code(
+    "CXRPL004", DISPLAY_CODING_SCHEME, "COVID-19 not suspected, probability"
+)
+"""First NUM of the salient-region group of an image below the operating point."""
+AT_OR_ABOVE_OPERATING_POINT = Code(
+    "CXRPL005", DISPLAY_CODING_SCHEME, "at or above the operating point"
+)
+"""Second NUM of a flagged image's salient-region group: the threshold in %, on the
+probability's scale. Its meaning in each SR names the point, e.g. "above the 98 %-sensitivity
+point" (or "at ..." when the probability equals it)."""
+BELOW_OPERATING_POINT = Code("CXRPL006", DISPLAY_CODING_SCHEME, "below the operating point")
+"""Second NUM of the salient-region group of an image below the operating point."""
 CODE_MEANING_MAX = 64
 """Code Meaning is LO: at most 64 characters."""
 

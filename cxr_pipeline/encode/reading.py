@@ -62,9 +62,9 @@ class ReadBack:
         (column, row) points of the salient-area ELLIPSE of the planar ROI group with
         the same Tracking UID, on the source image; empty when the SR has none.
     display
-        What OHIF prints for the planar group: ``"meaning: value unit"`` of its NUM, e.g.
-        ``"COVID-19 suspected (above the 98 %-sensitivity point, 12 %): 23.00 %"``; empty
-        when the SR has none.
+        What OHIF prints for the planar group, one ``"meaning: value unit"`` line per NUM,
+        e.g. ``("COVID-19 suspected, probability: 42.39 %", "above the 98 %-sensitivity
+        point: 27.00 %")``; empty when the SR has none.
     """
 
     probability: float
@@ -84,7 +84,7 @@ class ReadBack:
     study_instance_uid: str
     verification_flag: str
     region_points: tuple[tuple[float, float], ...] = ()
-    display: str = ""
+    display: tuple[str, ...] = ()
 
     def parameter(self, name: str) -> str | None:
         """Return the value of the algorithm parameter ``name=value`` (None: absent)."""
@@ -101,7 +101,8 @@ class ReadBack:
         return None if value is None else float(value)
 
 
-def _display(report: hd.sr.MeasurementReport, tracking_uid: str) -> str:
+def _display(report: hd.sr.MeasurementReport, tracking_uid: str) -> tuple[str, ...]:
+    lines = []
     for group in report.get_planar_roi_measurement_groups(tracking_uid=tracking_uid):
         for item in group:
             for child in item.get("ContentSequence", []):
@@ -113,8 +114,8 @@ def _display(report: hd.sr.MeasurementReport, tracking_uid: str) -> str:
                 measured = child.MeasuredValueSequence[0]
                 unit = measured.MeasurementUnitsCodeSequence[0].CodeValue
                 # OHIF v3's format: two decimals and the unit's code value.
-                return f"{name.CodeMeaning}: {float(measured.NumericValue):.2f} {unit}"
-    return ""
+                lines.append(f"{name.CodeMeaning}: {float(measured.NumericValue):.2f} {unit}")
+    return tuple(lines)
 
 
 def _certainty(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list[float]:

@@ -9,8 +9,9 @@ Content tree (all via highdicom templates)::
         Measurement Group (TID 1410, planar ROI), Tracking UID (deterministic)
           Image Region = ELLIPSE around the heatmap's most salient area, on the radiograph
           Finding = SCT 840539006 COVID-19, Algorithm Identification
-          NUM  "COVID-19 suspected (above the 98 %-sensitivity point, 12 %)" (99CXRPL)
-               = calibrated probability, UCUM "%"   [or "not suspected (below ...)"]
+          NUM  "COVID-19 suspected, probability" (99CXRPL) = calibrated probability, "%"
+          NUM  "above the 98 %-sensitivity point" (99CXRPL) = threshold, UCUM "%"
+               [or "COVID-19 not suspected, probability" and "below the ..."]
         Measurement Group (TID 1501, image level), same Tracking UID
           Tracking Identifier + Tracking UID
           Finding = COVID-19
@@ -26,13 +27,14 @@ measurement groups with an image region, fails on the whole SR when a group has 
 merges groups that share a Tracking UID into one measurement (both groups describe the same
 tracked finding: PS3.16 TID 1501 / 1410, the Tracking UID identifies a finding, not a
 group). It prints each NUM at the top of a merged group as "meaning: value unit" and
-nothing else, so the planar group's one NUM carries the decision and its operating point in
-its meaning and the probability as its value. The standard Certainty of Finding sits below
-the coded decision (HAS PROPERTIES, the CAD SR idiom of TID 4006 / 4104), where every SR
-consumer finds it and OHIF does not print it a second time ("Certainty of Finding: 0.96 1"
-read as noise beside the statement). The decision is "Suspected", not "Present": the
-operating point is a screening one (high sensitivity), so a flagged image's probability can
-be well below 50 %.
+nothing else, so the planar group's two NUMs carry the statement in two short lines
+("COVID-19 suspected, probability: 42.39 %" / "above the 98 %-sensitivity point: 27.00 %";
+one long line ran off the viewport beside a region on the right). The standard Certainty of
+Finding sits below the coded decision (HAS PROPERTIES, the CAD SR idiom of TID 4006 / 4104),
+where every SR consumer finds it and OHIF does not print it a second time ("Certainty of
+Finding: 0.96 1" read as noise beside the statement). The decision is "Suspected", not
+"Present": the operating point is a screening one (high sensitivity), so a flagged image's
+probability can be well below 50 %.
 
 Every container has SEPARATE continuity, so that renderers (DCMTK ``dsr2html``) print a
 concept name beside each value. The document is UNVERIFIED and PRELIMINARY, joins the
@@ -52,6 +54,8 @@ from pydicom.sr.coding import Code
 
 from cxr_pipeline.dicom.codes import (
     ABSENT,
+    AT_OR_ABOVE_OPERATING_POINT,
+    BELOW_OPERATING_POINT,
     CERTAINTY_OF_FINDING,
     CHEST_XRAY_PROCEDURE,
     CODE_MEANING_MAX,
@@ -141,12 +145,8 @@ def algorithm_identification(
     )
 
 
-def display_concept(finding: Finding) -> Code:
-    """Name the planar group's NUM: the decision with its operating point in the meaning.
-
-    The meaning is the longest of ``"COVID-19 suspected (above the 98 %-sensitivity point,
-    12 %)"``, the same without "the", or ``"... (above operating point, 12 %)"`` that fits
-    Code Meaning's 64 characters.
+def display_measurements(finding: Finding) -> list[hd.sr.Measurement]:
+    """Build the planar group's NUMs: the statement as OHIF prints it, in two lines.
 
     Parameters
     ----------
@@ -155,22 +155,26 @@ def display_concept(finding: Finding) -> Code:
 
     Returns
     -------
-    pydicom.sr.coding.Code
-        :data:`COVID19_SUSPECTED_DISPLAY` or :data:`COVID19_NOT_SUSPECTED_DISPLAY` with
-        that meaning.
+    list of highdicom.sr.Measurement
+        "COVID-19 suspected, probability" (or "not suspected") = the probability in %, and
+        "above the 98 %-sensitivity point" (or "at ...", "below ...", "... the operating
+        point" without a target sensitivity) = the threshold in %.
     """
-    base = COVID19_SUSPECTED_DISPLAY if finding.positive else COVID19_NOT_SUSPECTED_DISPLAY
-    relation = finding.relation()
-    side, _, rest = relation.partition(" ")
-    threshold = relation.rsplit(", ", 1)[-1]
-    candidates = [
-        f"{finding.verdict} ({relation})",
-        f"{finding.verdict} ({side} {rest.removeprefix('the ')})",
-        f"{finding.verdict} ({side} operating point, {threshold})",
-        finding.verdict,
+    verdict = COVID19_SUSPECTED_DISPLAY if finding.positive else COVID19_NOT_SUSPECTED_DISPLAY
+    point = AT_OR_ABOVE_OPERATING_POINT if finding.positive else BELOW_OPERATING_POINT
+    meaning = f"{finding.side()} {finding.point_name()}"
+    if len(meaning) > CODE_MEANING_MAX:  # cannot happen for a target written as "98.5 %"
+        meaning = point.meaning
+    return [
+        hd.sr.Measurement(
+            name=verdict, value=round(100.0 * float(finding.probability), 4), unit=UCUM_PERCENT
+        ),
+        hd.sr.Measurement(
+            name=Code(point.value, point.scheme_designator, meaning),
+            value=round(100.0 * float(finding.threshold), 4),
+            unit=UCUM_PERCENT,
+        ),
     ]
-    meaning = next(c for c in candidates if len(c) <= CODE_MEANING_MAX)
-    return Code(base.value, base.scheme_designator, meaning)
 
 
 def _check_finding(finding: Finding) -> None:
@@ -203,17 +207,12 @@ def _salient_region_group(
         graphic_data=ellipse.graphic_data(),
         source_image=source_image,
     )
-    percent = hd.sr.Measurement(
-        name=display_concept(finding),
-        value=round(100.0 * float(finding.probability), 4),
-        unit=UCUM_PERCENT,
-    )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         referenced_region=region,
         finding_type=COVID19,
         algorithm_id=algorithm,
-        measurements=[percent],
+        measurements=display_measurements(finding),
     )
 
 

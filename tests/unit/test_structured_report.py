@@ -17,6 +17,8 @@ from pydicom.sr.codedict import codes
 
 from cxr_pipeline.dicom.codes import (
     ABSENT,
+    AT_OR_ABOVE_OPERATING_POINT,
+    BELOW_OPERATING_POINT,
     CODE_MEANING_MAX,
     COVID19,
     COVID19_NOT_SUSPECTED_DISPLAY,
@@ -26,7 +28,7 @@ from cxr_pipeline.dicom.codes import (
     SopClass,
 )
 from cxr_pipeline.encode.reading import read_structured_report
-from cxr_pipeline.encode.structured_report import build_structured_report, display_concept
+from cxr_pipeline.encode.structured_report import build_structured_report, display_measurements
 from cxr_pipeline.errors import EncodeError
 from cxr_pipeline.model.card import ModelCard
 from cxr_pipeline.results import Finding
@@ -329,11 +331,14 @@ def test_planar_region_group_outlines_the_salient_area(
     assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues.ELLIPSE
     referenced = region.ContentSequence[0].ReferencedSOPSequence[0]
     assert referenced.ReferencedSOPInstanceUID == rg1_header.SOPInstanceUID
-    (label,) = group.get_measurements()
-    assert label.name.value == COVID19_SUSPECTED_DISPLAY.value
-    assert label.name.meaning == "COVID-19 suspected (above the operating point, 50 %)"
+    label, point = group.get_measurements()
+    assert label.name == COVID19_SUSPECTED_DISPLAY
     assert label.value == pytest.approx(87.31)
     assert label.unit == UCUM_PERCENT
+    assert point.name.value == AT_OR_ABOVE_OPERATING_POINT.value
+    assert point.name.meaning == "above the operating point"
+    assert point.value == pytest.approx(50.0)
+    assert point.unit == UCUM_PERCENT
     declared = sr.CodingSchemeIdentificationSequence[0]
     assert declared.CodingSchemeDesignator == COVID19_SUSPECTED_DISPLAY.scheme_designator
 
@@ -349,7 +354,9 @@ def test_without_heatmap_the_region_is_the_whole_image(
     rows = [r for _, r in back.region_points]
     assert (min(cols), max(cols)) == (0.0, float(rg1_header.Columns))
     assert (min(rows), max(rows)) == (0.0, float(rg1_header.Rows))
-    assert "COVID-19 not suspected (below the operating point, 50 %)" in dsrdump(path)
+    dump = dsrdump(path)
+    assert '"COVID-19 not suspected, probability")="20.0"' in dump
+    assert '"below the operating point")="50.0"' in dump
 
 
 def test_every_container_is_separate_and_dsr2html_labels_every_value(
@@ -373,7 +380,8 @@ def test_every_container_is_separate_and_dsr2html_labels_every_value(
     assert written.startswith("17.446625")
     assert f"Certainty of Finding = {written} %" in text
     assert "COVID-19: Absent" in text
-    assert "COVID-19 not suspected (below the operating point, 50 %): 17.4466 %" in text
+    assert "COVID-19 not suspected, probability: 17.4466 %" in text
+    assert "below the operating point: 50.0 %" in text
     assert "Present" not in text
 
 
@@ -413,18 +421,28 @@ def ohif_lines(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("finding", "line"),
+    ("finding", "lines"),
     [
         (
-            Finding(0.2345, 0.1234, target_sensitivity=0.98, calibration_method="platt",
+            Finding(0.4239, 0.27, target_sensitivity=0.98, calibration_method="platt",
                     decided_by="model card m 1"),
-            "COVID-19 suspected (above the 98 %-sensitivity point, 12 %): 23.45 %",
+            ["COVID-19 suspected, probability: 42.39 %",
+             "above the 98 %-sensitivity point: 27.00 %"],
         ),
         (
-            Finding(0.031, 0.1234, target_sensitivity=0.98, calibration_method="platt"),
-            "COVID-19 not suspected (below the 98 %-sensitivity point, 12 %): 3.10 %",
+            Finding(0.031, 0.27, target_sensitivity=0.98, calibration_method="platt"),
+            ["COVID-19 not suspected, probability: 3.10 %",
+             "below the 98 %-sensitivity point: 27.00 %"],
         ),
-        (Finding(0.9594, 0.5), "COVID-19 suspected (above the operating point, 50 %): 95.94 %"),
+        (
+            Finding(0.9594, 0.5),
+            ["COVID-19 suspected, probability: 95.94 %", "above the operating point: 50.00 %"],
+        ),
+        (
+            Finding(0.2, 0.2, target_sensitivity=0.975),
+            ["COVID-19 suspected, probability: 20.00 %",
+             "at the 97.5 %-sensitivity point: 20.00 %"],
+        ),
     ],
 )
 def test_ohif_draws_one_statement_and_dsr2html_shows_the_operating_point(
@@ -433,15 +451,15 @@ def test_ohif_draws_one_statement_and_dsr2html_shows_the_operating_point(
     settings: OutputSettings,
     tmp_path: Path,
     finding: Finding,
-    line: str,
+    lines: list[str],
 ) -> None:
     sr = build_structured_report(rg1_header, finding, card, settings)
     path = _write(sr, tmp_path, "sr.dcm")
     _assert_valid(path)
-    # No second "Certainty of Finding: 0.23 1" line: the standard NUM sits below the
-    # coded decision, which OHIF does not print.
-    assert ohif_lines(path) == [line]
-    assert read_structured_report(path).display == line
+    # The statement in two short lines, and no third "Certainty of Finding: 0.42 1" line:
+    # the standard NUM sits below the coded decision, which OHIF does not print.
+    assert ohif_lines(path) == lines
+    assert read_structured_report(path).display == tuple(lines)
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dsr2html(path)))
     assert "Present" not in text
     assert f"threshold={finding.threshold:.6g}" in text
@@ -462,40 +480,23 @@ def test_algorithm_parameters_record_the_operating_point_and_who_set_it(
     assert back.parameter("threshold_scale") == "calibrated probability (isotonic)"
     assert back.parameter("target_sensitivity") == "0.95"
     assert back.parameter("decided_by") == "site profile St Elsewhere"
-    assert back.display.startswith("COVID-19 suspected (above the 95 %-sensitivity point, 20 %)")
+    assert back.display == ("COVID-19 suspected, probability: 40.00 %",
+                            "above the 95 %-sensitivity point: 20.00 %")
 
 
 @pytest.mark.parametrize("positive", [True, False])
 @pytest.mark.parametrize("target", [None, 0.98, 0.975])
-@pytest.mark.parametrize("threshold", [0.5, 0.1234567, 0.0156])
-def test_display_meaning_always_fits_its_vr_and_names_the_decision(
-    positive: bool, target: float | None, threshold: float
+def test_display_concepts_fit_their_vr_and_name_the_decision(
+    positive: bool, target: float | None
 ) -> None:
+    threshold = 0.1234567
     probability = threshold + (1e-5 if positive else -1e-5)
-    finding = Finding(probability, threshold, target_sensitivity=target)
-    code = display_concept(finding)
-    assert len(code.meaning) <= CODE_MEANING_MAX
-    wanted = COVID19_SUSPECTED_DISPLAY if positive else COVID19_NOT_SUSPECTED_DISPLAY
-    assert code.value == wanted.value
-    assert code.meaning.startswith(wanted.meaning + " (")
-
-
-def test_series_and_content_dates_are_set(
-    rg1_header: Dataset, card: ModelCard, settings: OutputSettings
-) -> None:
-    sr = build_structured_report(rg1_header, Finding(0.7, 0.5), card, settings)
-    for keyword in ("SeriesDate", "SeriesTime", "ContentDate", "ContentTime"):
-        assert sr.get(keyword), keyword
-    assert sr.SeriesDate == sr.ContentDate
-    assert sr.SeriesTime == sr.ContentTime
-
-
-def test_invalid_source_age_does_not_reach_the_sr(
-    shared_dicom_dir: Path, card: ModelCard, settings: OutputSettings, tmp_path: Path
-) -> None:
-    source = dcmread(shared_dicom_dir / "rsna_cr_ap_jpeg_baseline.dcm", stop_before_pixels=True)
-    assert source.PatientAge == "68"  # the defect: AS needs "068Y"
-    sr = build_structured_report(source, Finding(0.4, 0.5), card, settings)
-    path = _write(sr, tmp_path, "sr.dcm")
-    _assert_valid(path)
-    assert "PatientAge" not in dcmread(path)
+    verdict, point = display_measurements(Finding(probability, threshold,
+                                                  target_sensitivity=target))
+    assert verdict.name == (COVID19_SUSPECTED_DISPLAY if positive
+                            else COVID19_NOT_SUSPECTED_DISPLAY)
+    wanted = AT_OR_ABOVE_OPERATING_POINT if positive else BELOW_OPERATING_POINT
+    assert point.name.value == wanted.value
+    assert len(point.name.meaning) <= CODE_MEANING_MAX
+    assert point.name.meaning.startswith("above the " if positive else "below the ")
+    assert point.value == pytest.approx(100 * threshold, abs=1e-4)

@@ -1,8 +1,10 @@
 """``python -m cxr_pipeline FILE.dcm --out DIR``: analyse one DICOM file.
 
 Writes the SR and the heatmap Secondary Capture under ``DIR/<study>/<series>/`` and prints
-the result as JSON. Exit status: 0 analysed, 2 rejected input (reason printed), 1 any other
-error.
+the result as JSON: ``covid_probability`` is the calibrated probability, ``threshold`` the
+operating point on the same scale, ``raw_score`` the model's uncalibrated score,
+``statement`` the sentence the SR and SC show, ``decided_by`` what set the operating point.
+Exit status: 0 analysed, 2 rejected input (reason printed), 1 any other error.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "detail": exc.detail}))
         return EXIT_ERROR
     card = engine.predictor.card
+    finding = analysis.finding
     print(
         json.dumps(
             {
@@ -90,9 +93,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "status": "done",
                 "sop_instance_uid": analysis.sop_instance_uid,
                 "study_instance_uid": analysis.study_instance_uid,
-                "covid_probability": round(analysis.finding.probability, 6),
-                "covid_positive": analysis.finding.positive,
-                "threshold": analysis.finding.threshold,
+                "covid_probability": round(finding.probability, 6),
+                "covid_positive": finding.positive,
+                "decision": "suspected" if finding.positive else "not suspected",
+                "statement": finding.statement(),
+                "threshold": round(finding.threshold, 6),
+                "threshold_scale": (
+                    f"calibrated probability ({finding.calibration_method})"
+                    if finding.calibrated
+                    else "raw score"
+                ),
+                "target_sensitivity": finding.target_sensitivity,
+                "decided_by": finding.decided_by,
+                "raw_score": None if finding.score is None else round(finding.score, 6),
                 "model": f"{card.name} {card.version}",
                 "heatmap": analysis.heatmap_method,
                 "structured_report": str(paths[0]),

@@ -8,6 +8,16 @@ model's own threshold with the paper's rule (``p >= cut-off`` is COVID) and 95% 
 average precision; confusion matrix; score histograms; the same figures per data source
 (the manifest's ``source`` column), because a model may recognise the source rather than
 the disease.
+
+Calibration (:mod:`cxr_pipeline.model.calibration`): the report gives, overall and per
+source, the expected calibration error (10 equal-width bins), the Brier score and the log
+loss of the raw score ("before") and of the card's calibrated probability ("after"), and a
+reliability diagram (``reliability.png``). ``--fit-calibration`` first fits the card's
+calibration on the validation split (temperature, Platt or isotonic, chosen by
+patient-grouped out-of-fold log loss, then refitted on all validation images); with
+``--update-card`` it is stored in the checkpoint and its ``.card.json``. The ranking and so
+every AUC is the same on both scales; the model threshold is applied to the raw score, which
+flags the same images as its calibrated image applied to the probability.
 """
 
 from __future__ import annotations
@@ -23,6 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_pipeline.model.calibration import (
+    Calibration,
+    Selection,
+    brier_score,
+    expected_calibration_error,
+    log_loss,
+    select_calibration,
+)
 from cxr_pipeline.model.inference import Predictor
 from training.datasets import DatasetError, Sample, load_image, read_manifest, resolve
 from training.metrics import (
@@ -33,7 +51,17 @@ from training.metrics import (
     precision_recall,
     roc,
 )
-from training.plots import plot_confusion, plot_histogram, plot_pr, plot_roc
+from training.plots import (
+    ReliabilityPanel,
+    plot_confusion,
+    plot_histogram,
+    plot_pr,
+    plot_reliability,
+    plot_roc,
+)
+
+ECE_BINS = 10
+"""Equal-width bins of the expected calibration error and of the reliability diagram."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +79,36 @@ class SourceResult:
     """Bootstrap 95% interval of the within-source AUC (NaN without both classes)."""
 
 
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Calibration figures of one group of images (all, or one source), before and after.
+
+    "Before" is the raw score read as a probability, "after" the card's calibrated
+    probability. Log loss is in nats.
+    """
+
+    scope: str
+    n: int
+    n_covid: int
+    ece_before: float
+    ece_after: float
+    brier_before: float
+    brier_after: float
+    log_loss_before: float
+    log_loss_after: float
+
+
+def calibration_result(scope: str, raw: np.ndarray, calibrated: np.ndarray,
+                       labels: np.ndarray) -> CalibrationResult:
+    """ECE, Brier score and log loss of ``raw`` and ``calibrated`` against ``labels``."""
+    return CalibrationResult(
+        scope=scope, n=int(labels.size), n_covid=int(labels.sum()),
+        ece_before=expected_calibration_error(raw, labels, ECE_BINS),
+        ece_after=expected_calibration_error(calibrated, labels, ECE_BINS),
+        brier_before=brier_score(raw, labels), brier_after=brier_score(calibrated, labels),
+        log_loss_before=log_loss(raw, labels), log_loss_after=log_loss(calibrated, labels))
+
+
 @dataclass
 class EvaluationReport:
     """Everything ``cxr-eval`` measured on one split."""
@@ -65,6 +123,12 @@ class EvaluationReport:
     points: list[OperatingPoint]
     at_threshold: OperatingPoint
     per_source: list[SourceResult] = field(default_factory=list)
+    calibration: dict[str, object] = field(default_factory=dict)
+    """The card's calibration map (:meth:`Calibration.to_dict`)."""
+    calibrated_threshold: float = math.nan
+    """The model threshold on the calibrated scale (the same decisions)."""
+    calibration_figures: list[CalibrationResult] = field(default_factory=list)
+    """Overall (scope ``"all"``) first, then one row per source."""
 
     @property
     def within_source(self) -> list[SourceResult]:
@@ -75,7 +139,9 @@ class EvaluationReport:
         """Headline figures for the model card's ``metrics``.
 
         With exactly one source holding both classes (here ieee8023), its AUC and interval
-        are added as ``<prefix>within_source_auc`` (``_ci_low``, ``_ci_high``).
+        are added as ``<prefix>within_source_auc`` (``_ci_low``, ``_ci_high``); the overall
+        ECE and Brier score as ``<prefix>ece`` and ``<prefix>brier`` (calibrated) and
+        ``<prefix>ece_uncalibrated``, ``<prefix>brier_uncalibrated`` (raw score).
         """
         p = self.at_threshold
         metrics = {f"{prefix}auc": self.auc, f"{prefix}auc_ci_low": self.auc_ci[0],
@@ -87,7 +153,14 @@ class EvaluationReport:
             metrics.update({f"{prefix}within_source_auc": r.auc,
                             f"{prefix}within_source_auc_ci_low": r.auc_ci[0],
                             f"{prefix}within_source_auc_ci_high": r.auc_ci[1]})
-        return metrics
+        if self.calibration_figures:
+            overall = self.calibration_figures[0]
+            metrics.update({f"{prefix}ece_uncalibrated": overall.ece_before,
+                            f"{prefix}ece": overall.ece_after,
+                            f"{prefix}brier_uncalibrated": overall.brier_before,
+                            f"{prefix}brier": overall.brier_after})
+        # Plain floats: the card is stored in a checkpoint loaded with weights_only=True.
+        return {k: float(v) for k, v in metrics.items()}
 
 
 def score_samples(predictor: Predictor, samples: Sequence[Sample], data_dir: Path, *,
@@ -110,8 +183,12 @@ def score_samples(predictor: Predictor, samples: Sequence[Sample], data_dir: Pat
 def evaluate_scores(scores: np.ndarray, labels: np.ndarray, *, threshold: float,
                     sources: Sequence[str] | None = None, model: str = "",
                     cutoffs: Sequence[float] = PAPER_CUTOFFS, n_bootstrap: int = 2000,
-                    seed: int = 0) -> EvaluationReport:
-    """Compute every figure of the report from scores and labels (1 = COVID).
+                    seed: int = 0, calibration: Calibration | None = None
+                    ) -> EvaluationReport:
+    """Compute every figure of the report from raw scores and labels (1 = COVID).
+
+    ``calibration`` (identity when None) gives the "after" side of the calibration
+    figures; AUCs, cut-offs and the threshold are on the raw score.
 
     Raises
     ------
@@ -132,6 +209,12 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray, *, threshold: float,
         points=[operating_point(scores, labels, c) for c in cutoffs],
         at_threshold=operating_point(scores, labels, threshold),
     )
+    cal = calibration if calibration is not None else Calibration()
+    calibrated = cal.apply(scores)
+    report.calibration = cal.to_dict()
+    report.calibrated_threshold = (cal.apply_one(threshold) if cal.method != "identity"
+                                   else threshold)
+    report.calibration_figures.append(calibration_result("all", scores, calibrated, labels))
     if sources is not None:
         src = np.asarray(list(sources))
         for name in sorted(set(src.tolist())):
@@ -147,6 +230,8 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray, *, threshold: float,
                 mean_score_covid=float(s[y == 1].mean()) if (y == 1).any() else math.nan,
                 mean_score_non_covid=float(s[y == 0].mean()) if (y == 0).any() else math.nan,
             ))
+            report.calibration_figures.append(
+                calibration_result(name, s, calibrated[m], y))
     return report
 
 
@@ -171,6 +256,35 @@ TABLE_HEADER = ["model", "cut-off", "sensitivity (95% CI)", "specificity (95% CI
                 "TP", "FN", "TN", "FP"]
 
 
+CALIBRATION_HEADER = ["images", "n (COVID)", "ECE before", "ECE after", "Brier before",
+                      "Brier after", "log loss before", "log loss after"]
+
+
+def calibration_rows(report: EvaluationReport) -> list[list[str]]:
+    """Build the calibration table: ECE, Brier score and log loss before and after, per scope."""
+    return [[r.scope, f"{r.n} ({r.n_covid})", f"{r.ece_before:.3f}", f"{r.ece_after:.3f}",
+             f"{r.brier_before:.3f}", f"{r.brier_after:.3f}", f"{r.log_loss_before:.3f}",
+             f"{r.log_loss_after:.3f}"] for r in report.calibration_figures]
+
+
+def _calibration_text(report: EvaluationReport) -> str:
+    cal = Calibration.from_dict(dict(report.calibration))
+    if cal.method == "identity":
+        what = ("The card has no calibration (identity): \"after\" equals \"before\". Fit one "
+                "with `cxr-eval --fit-calibration`.")
+    else:
+        fitted = f", fitted on the {cal.fitted_on}" if cal.fitted_on else ""
+        what = (f"Calibration map: **{cal.method}**{fitted}. The model threshold "
+                f"{report.threshold:.4g} on the raw score is {report.calibrated_threshold:.3f} "
+                f"on the calibrated probability (the same decisions).")
+    return (f"\n## Calibration (before: raw score; after: calibrated probability)\n\n{what} "
+            f"ECE: expected calibration error, {ECE_BINS} equal-width bins; Brier: mean "
+            f"squared error of the probability; log loss in nats. A source with one class "
+            f"only has an ECE equal to its mean probability (its label is 0 throughout).\n\n"
+            + _markdown(CALIBRATION_HEADER, calibration_rows(report))
+            + "\n![reliability](reliability.png)\n")
+
+
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -188,14 +302,22 @@ def write_report(report: EvaluationReport, samples: Sequence[Sample], scores: np
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.array([s.target for s in samples])
+    calibrated = Calibration.from_dict(dict(report.calibration)).apply(scores) \
+        if report.calibration else np.asarray(scores, dtype=np.float64)
     written: list[Path] = []
     scores_csv = out_dir / "scores.csv"
     with scores_csv.open("w", newline="", encoding="utf-8") as handle:
         w = csv.writer(handle)
-        w.writerow(["path", "label", "patient_id", "source", "covid_probability"])
-        for s, p in zip(samples, scores, strict=True):
-            w.writerow([s.path, s.label, s.patient_id, s.source, f"{p:.6f}"])
+        # covid_probability: the raw score (as before calibration existed, read by cxr-probe).
+        w.writerow(["path", "label", "patient_id", "source", "covid_probability",
+                    "calibrated_probability"])
+        for s, p, q in zip(samples, scores, calibrated, strict=True):
+            w.writerow([s.path, s.label, s.patient_id, s.source, f"{p:.6f}", f"{q:.6f}"])
     written.append(scores_csv)
+    calibration_csv = out_dir / "calibration.csv"
+    with calibration_csv.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([CALIBRATION_HEADER, *calibration_rows(report)])
+    written.append(calibration_csv)
     rows = table_rows(report)
     table_csv = out_dir / "table.csv"
     with table_csv.open("w", newline="", encoding="utf-8") as handle:
@@ -226,6 +348,8 @@ def write_report(report: EvaluationReport, samples: Sequence[Sample], scores: np
         plot_histogram(scores, labels, report.threshold, out_dir / "histogram.png"),
         plot_confusion(report.at_threshold.confusion, report.threshold,
                        out_dir / "confusion.png"),
+        plot_reliability(_reliability_panels(report, samples, scores, calibrated),
+                         out_dir / "reliability.png", n_bins=ECE_BINS),
     ]
     md = out_dir / "evaluation.md"
     md.write_text(
@@ -249,6 +373,7 @@ def write_report(report: EvaluationReport, samples: Sequence[Sample], scores: np
             + ("includes chance (0.5)" if r.auc_ci[0] <= 0.5 else "excludes chance (0.5)")
             + ".\n"
             for r in report.within_source)
+        + _calibration_text(report)
         + "\n![ROC](roc.png) ![PR](pr.png) ![histogram](histogram.png) "
         "![confusion](confusion.png)\n",
         encoding="utf-8",
@@ -259,6 +384,61 @@ def write_report(report: EvaluationReport, samples: Sequence[Sample], scores: np
     js.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
     written.append(js)
     return written
+
+
+def _reliability_panels(report: EvaluationReport, samples: Sequence[Sample],
+                        scores: np.ndarray, calibrated: np.ndarray) -> list[ReliabilityPanel]:
+    labels = np.array([s.target for s in samples])
+    src = np.array([s.source for s in samples])
+    by_scope = {r.scope: r for r in report.calibration_figures}
+    panels = []
+    for scope, mask in [("all", np.ones(len(samples), dtype=bool)),
+                        *[(r.source, src == r.source) for r in report.per_source]]:
+        r = by_scope[scope]
+        panels.append(ReliabilityPanel(
+            # The source's name up to "/" keeps three panel titles apart.
+            title=f"{scope.split('/')[0]} ({r.n} images, {r.n_covid} COVID)",
+            raw=np.asarray(scores)[mask],
+            calibrated=calibrated[mask], labels=labels[mask],
+            ece_before=r.ece_before, ece_after=r.ece_after))
+    return panels
+
+
+def fit_card_calibration(predictor: Predictor, samples: Sequence[Sample], data_dir: Path, *,
+                         split_name: str, on_image: Callable[[int], None] | None = None
+                         ) -> tuple[Selection, np.ndarray]:
+    """Fit the calibration of ``predictor``'s card on labelled images it did not train on.
+
+    Temperature, Platt and isotonic maps are compared by out-of-fold log loss over
+    patient-grouped folds; the best is refitted on every image
+    (:func:`cxr_pipeline.model.calibration.select_calibration`).
+
+    Parameters
+    ----------
+    predictor
+        The model (its raw scores are calibrated).
+    samples
+        The calibration images (the validation split).
+    data_dir
+        Folder the sample paths are relative to.
+    split_name
+        How the images are named in the card, e.g. ``"validation split (split.csv)"``.
+    on_image
+        Progress callback (images scored).
+
+    Returns
+    -------
+    tuple of (Selection, numpy.ndarray)
+        The chosen map with every candidate's out-of-fold log loss, and the raw scores.
+    """
+    scores = score_samples(predictor, samples, data_dir, on_image=on_image)
+    labels = np.array([s.target for s in samples])
+    n_covid = int(labels.sum())
+    described = (f"{split_name}, {len(samples)} images ({n_covid} COVID, "
+                 f"{len(samples) - n_covid} non-COVID)")
+    selection = select_calibration(scores, labels, groups=[s.patient_id for s in samples],
+                                   fitted_on=described)
+    return selection, scores
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -272,7 +452,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--update-card", action="store_true",
-                   help="write the test figures into the checkpoint's card metrics")
+                   help="write the test figures (and a calibration fitted with "
+                        "--fit-calibration) into the checkpoint's card")
+    p.add_argument("--fit-calibration", action="store_true",
+                   help="fit the card's calibration on the --calibrate-on split first "
+                        "(temperature/Platt/isotonic by patient-grouped out-of-fold log loss)")
+    p.add_argument("--calibrate-on", default="val",
+                   help="split the calibration is fitted on (default: val)")
     return p
 
 
@@ -287,27 +473,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
     checkpoint = args.checkpoint or default_checkpoint_path()
+    selection: Selection | None = None
     try:
         predictor = Predictor.from_checkpoint(checkpoint, device=args.device,
                                               channels_last=False)
-        samples = [s for s in read_manifest(args.split) if s.split == args.which]
+        rows = read_manifest(args.split)
+        samples = [s for s in rows if s.split == args.which]
         if not samples:
             raise DatasetError(f"no {args.which!r} rows in {args.split}")
+        card = predictor.card
         with Progress(console=console) as bar:
+            if args.fit_calibration:
+                fit_on = [s for s in rows if s.split == args.calibrate_on]
+                if not fit_on:
+                    raise DatasetError(f"no {args.calibrate_on!r} rows in {args.split} to "
+                                       f"fit the calibration on")
+                if {s.path for s in fit_on} & {s.path for s in samples}:
+                    raise DatasetError(f"the {args.calibrate_on!r} and {args.which!r} rows "
+                                       f"share images: calibrate on images you do not test on")
+                task = bar.add_task(f"scoring {args.calibrate_on}", total=len(fit_on))
+                name = {"val": "validation", "train": "training"}.get(args.calibrate_on,
+                                                                     args.calibrate_on)
+                selection, _ = fit_card_calibration(
+                    predictor, fit_on, args.data_dir,
+                    split_name=f"{name} split of {args.split.name}",
+                    on_image=lambda n: bar.advance(task, n))
+                card = replace(card, calibration=selection.calibration)
             task = bar.add_task(f"scoring {args.which}", total=len(samples))
             scores = score_samples(predictor, samples, args.data_dir,
                                    on_image=lambda n: bar.advance(task, n))
-        card = predictor.card
         report = evaluate_scores(
             scores, np.array([s.target for s in samples]), threshold=card.threshold,
-            sources=[s.source for s in samples], model=card.name, cutoffs=args.cutoffs,
-            n_bootstrap=args.bootstrap)
+            sources=[s.source for s in samples], model=f"{card.name} {card.version}",
+            cutoffs=args.cutoffs, n_bootstrap=args.bootstrap, calibration=card.calibration)
     except (CxrError, DatasetError, ValueError) as exc:
         console.print(f"[bold red]cxr-eval: {exc}")
         return 2
     from training.train import SOURCE_CAVEAT, write_card_json
 
     files = write_report(report, samples, scores, args.out, caveat=SOURCE_CAVEAT)
+    if selection is not None:
+        chosen = args.out / "calibration.json"
+        chosen.write_text(json.dumps({
+            "chosen": selection.calibration.to_dict(),
+            "out_of_fold_log_loss": selection.out_of_fold_log_loss,
+            "calibrated_threshold": report.calibrated_threshold,
+        }, indent=2) + "\n", encoding="utf-8")
+        files.append(chosen)
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in selection.out_of_fold_log_loss.items())
+        console.print(f"calibration: {selection.calibration.method} (out-of-fold log loss "
+                      f"{losses}); threshold {card.threshold:.4g} -> "
+                      f"{report.calibrated_threshold:.4f} calibrated")
     if args.update_card:
         new_card = replace(card, metrics={**card.metrics, **report.card_metrics()})
         # channels_last=False above: the weights are saved exactly as loaded.

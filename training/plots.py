@@ -7,6 +7,7 @@ canvas): no pyplot global state, no display needed, safe in threads.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,61 @@ def plot_confusion(matrix: np.ndarray, threshold: float, path: Path) -> Path:
     for (r, c), v in np.ndenumerate(matrix):
         ax.text(c, r, str(v), ha="center", va="center",
                 color="white" if v > matrix.max() / 2 else "black")
+    return _save(fig, path)
+
+
+@dataclass(frozen=True)
+class ReliabilityPanel:
+    """One panel of a reliability diagram: raw and calibrated probabilities of a group."""
+
+    title: str
+    raw: np.ndarray
+    calibrated: np.ndarray
+    labels: np.ndarray
+    ece_before: float
+    ece_after: float
+
+
+def _reliability_points(p: np.ndarray, y: np.ndarray, n_bins: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean probability, observed COVID fraction and count of every non-empty bin.
+
+    The bins are scikit-learn's ``calibration_curve(strategy="uniform")`` bins; the counts
+    (which it does not return) size the markers.
+    """
+    bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    used = [b for b in range(n_bins) if (bins == b).any()]
+    mean_p = np.array([p[bins == b].mean() for b in used])
+    observed = np.array([y[bins == b].mean() for b in used])
+    counts = np.array([(bins == b).sum() for b in used])
+    return mean_p, observed, counts
+
+
+def plot_reliability(panels: Sequence[ReliabilityPanel], path: Path, *, n_bins: int = 10
+                     ) -> Path:
+    """Reliability diagrams, one panel per group: observed COVID fraction per probability bin.
+
+    Each panel shows the raw score ("before") and the calibrated probability ("after"),
+    marker area proportional to the images in the bin, with the ECE of each in the legend.
+    """
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.2 * cols, 4.2 * rows), layout="tight")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, panel in zip(axes, panels, strict=False):
+        y = np.asarray(panel.labels, dtype=np.float64)
+        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+        for p, name, ece, colour in ((panel.raw, "before (raw score)", panel.ece_before, "C0"),
+                                     (panel.calibrated, "after (calibrated)", panel.ece_after,
+                                      "C1")):
+            mean_p, observed, counts = _reliability_points(np.asarray(p, float), y, n_bins)
+            ax.plot(mean_p, observed, c=colour, lw=1.5, label=f"{name}, ECE {ece:.3f}")
+            ax.scatter(mean_p, observed, s=8 + 120 * counts / max(len(y), 1), c=colour)
+        ax.set(xlabel="predicted COVID probability", ylabel="observed COVID fraction",
+               title=panel.title, xlim=(0, 1), ylim=(-0.02, 1.02))
+        ax.legend(loc="upper left", fontsize=8)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     return _save(fig, path)
 
 

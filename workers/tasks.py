@@ -255,6 +255,7 @@ def _analyse_one(
         analysis = analyse_radiograph(image, engine, timings)
         results = {str(ds.SOPInstanceUID): _part10(ds) for ds in analysis.result_datasets}
         metrics.observe_timings(analysis.timings_ms)
+        metrics.observe_finding(analysis.finding)
     except RejectedInput as exc:
         log.info("%s skipped: %s", uid, exc.reason.value)
         return _finish(runtime, uid, Outcome.SKIPPED, str(exc))

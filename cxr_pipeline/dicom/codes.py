@@ -102,7 +102,12 @@ class Modality(StrEnum):
 COVID19 = Code("840539006", "SCT", "COVID-19")
 """SNOMED CT: Disease caused by severe acute respiratory syndrome coronavirus 2."""
 PRESENT = Code("52101004", "SCT", "Present")
+"""Decision value of SRs written before the wording of issue 19 (read back, not written)."""
+SUSPECTED = Code("415684004", "SCT", "Suspected")
+"""Decision value of a flagged image: at or above a screening (high-sensitivity) operating
+point, whose probability may be well below 50 %, so not "Present"."""
 ABSENT = Code("2667000", "SCT", "Absent")
+"""Decision value of an image below the operating point."""
 UCUM_UNITY = Code("1", "UCUM", "no units")
 """UCUM unity, the unit of a probability."""
 
@@ -125,13 +130,14 @@ study holds more views (the IHE Imaging Diagnostic Report examples use the same 
 for a one-image chest X-ray)."""
 
 CERTAINTY_OF_FINDING = Code("111012", "DCM", "Certainty of Finding")
-"""Concept name of the numeric COVID-19 probability (unit UCUM "1", range 0-1).
+"""Concept name of the numeric COVID-19 probability (UCUM "%", range 0-100).
 
 PS3.16 defines it as "the likelihood that the finding detected is in fact the type of
-finding identified" (CID 6048, the CAD operating-point axis labels): the meaning of a
-classifier's softmax probability for the finding named in the same measurement group.
-Alternatives rejected: DCM 111047 "Probability of cancer" (cancer only) and DCM 122157
-"Probability" (no finding semantics, in no CID)."""
+finding identified" (CID 6048, the CAD operating-point axis labels). The SR carries the
+calibrated probability under it, as the CAD SR templates do (TID 4006 / 4104: a NUM in
+percent, HAS PROPERTIES of the coded finding). Alternatives rejected: DCM 111047
+"Probability of cancer" (cancer only) and DCM 122157 "Probability" (no finding semantics,
+in no CID)."""
 
 FINDING = Code("121071", "DCM", "Finding")
 """Concept name of the TID 1501 Finding row (value: :data:`COVID19`)."""
@@ -148,17 +154,34 @@ DISPLAY_CODING_SCHEME = "99CXRPL"
 every SR's Coding Scheme Identification Sequence."""
 DISPLAY_CODING_SCHEME_NAME = "cxr-pipeline result display concepts"
 
-PROBABILITY_COVID19_PRESENT = Code(
-    "CXRPL001", DISPLAY_CODING_SCHEME, "COVID-19 Present, probability"
+COVID19_SUSPECTED_DISPLAY = Code(
+    "CXRPL003", DISPLAY_CODING_SCHEME, "COVID-19 suspected, probability"
 )
-"""NUM concept of the salient-region group when the decision is Present.
+"""First NUM of the salient-region group of a flagged image: the calibrated probability in %.
 
-OHIF v3 prints a measurement group as "concept meaning: value unit" lines and never shows
-qualitative evaluations, so the decision travels in the concept's meaning. The standard
-image-level finding (COVID-19 = Present/Absent, Certainty of Finding in UCUM "1") stays
-in the same SR for every other consumer."""
-PROBABILITY_COVID19_ABSENT = Code("CXRPL002", DISPLAY_CODING_SCHEME, "COVID-19 Absent, probability")
-"""NUM concept of the salient-region group when the decision is Absent."""
+OHIF v3 prints the NUMs at the top of a measurement group as "concept meaning: value unit"
+lines and nothing else of the group, so the decision and its operating point travel in two
+NUMs whose lines read as one statement::
+
+    COVID-19 suspected, probability: 42.39 %
+    above the 98 %-sensitivity point: 27.00 %
+
+Two short lines, not one long one: OHIF places the text beside the region, and a single line
+with the whole statement ran off the viewport in the screenshot at 1600 x 1000."""
+COVID19_NOT_SUSPECTED_DISPLAY = Code(
+    "CXRPL004", DISPLAY_CODING_SCHEME, "COVID-19 not suspected, probability"
+)
+"""First NUM of the salient-region group of an image below the operating point."""
+AT_OR_ABOVE_OPERATING_POINT = Code(
+    "CXRPL005", DISPLAY_CODING_SCHEME, "at or above the operating point"
+)
+"""Second NUM of a flagged image's salient-region group: the threshold in %, on the
+probability's scale. Its meaning in each SR names the point, e.g. "above the 98 %-sensitivity
+point" (or "at ..." when the probability equals it)."""
+BELOW_OPERATING_POINT = Code("CXRPL006", DISPLAY_CODING_SCHEME, "below the operating point")
+"""Second NUM of the salient-region group of an image below the operating point."""
+CODE_MEANING_MAX = 64
+"""Code Meaning is LO: at most 64 characters."""
 
 SOURCE_IMAGE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
 """Purpose of Reference (CID 7202) of the Secondary Capture's Source Image Sequence item."""

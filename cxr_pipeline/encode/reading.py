@@ -15,7 +15,15 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from cxr_pipeline.dicom.codes import CERTAINTY_OF_FINDING, COVID19, PRESENT, SopClass
+from cxr_pipeline.dicom.codes import (
+    CERTAINTY_OF_FINDING,
+    COVID19,
+    DISPLAY_CODING_SCHEME,
+    PRESENT,
+    SUSPECTED,
+    UCUM_PERCENT,
+    SopClass,
+)
 from cxr_pipeline.errors import EncodeError
 
 
@@ -26,9 +34,10 @@ class ReadBack:
     Attributes
     ----------
     probability
-        The COVID-19 probability (NUM "Certainty of Finding").
+        The calibrated COVID-19 probability in [0, 1] (NUM "Certainty of Finding", below
+        the coded decision; at the group's top in SRs written before issue 19).
     positive
-        True when the COVID-19 evaluation is Present.
+        True when the COVID-19 evaluation is Suspected (Present in older SRs).
     finding
         The Finding code of the measurement group (COVID-19).
     evaluation
@@ -52,6 +61,10 @@ class ReadBack:
     region_points
         (column, row) points of the salient-area ELLIPSE of the planar ROI group with
         the same Tracking UID, on the source image; empty when the SR has none.
+    display
+        What OHIF prints for the planar group, one ``"meaning: value unit"`` line per NUM,
+        e.g. ``("COVID-19 suspected, probability: 42.39 %", "above the 98 %-sensitivity
+        point: 27.00 %")``; empty when the SR has none.
     """
 
     probability: float
@@ -71,6 +84,63 @@ class ReadBack:
     study_instance_uid: str
     verification_flag: str
     region_points: tuple[tuple[float, float], ...] = ()
+    display: tuple[str, ...] = ()
+
+    def parameter(self, name: str) -> str | None:
+        """Return the value of the algorithm parameter ``name=value`` (None: absent)."""
+        for text in self.algorithm_parameters:
+            key, sep, value = text.partition("=")
+            if sep and key == name:
+                return value
+        return None
+
+    @property
+    def threshold(self) -> float | None:
+        """The decision threshold recorded in the algorithm parameters."""
+        value = self.parameter("threshold")
+        return None if value is None else float(value)
+
+
+def _display(report: hd.sr.MeasurementReport, tracking_uid: str) -> tuple[str, ...]:
+    lines = []
+    for group in report.get_planar_roi_measurement_groups(tracking_uid=tracking_uid):
+        for item in group:
+            for child in item.get("ContentSequence", []):
+                name = child.get("ConceptNameCodeSequence", [None])[0]
+                if child.get("ValueType") != "NUM" or name is None:
+                    continue
+                if name.CodingSchemeDesignator != DISPLAY_CODING_SCHEME:
+                    continue
+                measured = child.MeasuredValueSequence[0]
+                unit = measured.MeasurementUnitsCodeSequence[0].CodeValue
+                # OHIF v3's format: two decimals and the unit's code value.
+                lines.append(f"{name.CodeMeaning}: {float(measured.NumericValue):.2f} {unit}")
+    return tuple(lines)
+
+
+def _certainty(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list[float]:
+    """Certainty of Finding values in [0, 1]: below the decision, or at the group's top."""
+    # highdicom rebuilds a qualitative evaluation from its name and value only, so the
+    # NUM below it is looked up in the group's own content tree.
+    found = [
+        num
+        for item in group[0].ContentSequence
+        if item.ValueType == "CODE"
+        and hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0]) == COVID19
+        for num in item.get("ContentSequence", [])
+        if num.ValueType == "NUM"
+        and hd.sr.CodedConcept.from_dataset(num.ConceptNameCodeSequence[0])
+        == CERTAINTY_OF_FINDING
+    ]
+    values = []
+    for item in found:
+        measured = item.MeasuredValueSequence[0]
+        unit = measured.MeasurementUnitsCodeSequence[0].CodeValue
+        scale = 100.0 if unit == UCUM_PERCENT.value else 1.0
+        values.append(float(measured.NumericValue) / scale)
+    if not values:  # SRs written before issue 19: a top-level NUM in UCUM "1"
+        values = [float(m.value) for m in group.get_measurements(name=CERTAINTY_OF_FINDING)]
+    return values
 
 
 def _region_points(
@@ -133,13 +203,13 @@ def read_structured_report(source: Dataset | Path | str) -> ReadBack:
     if len(groups) != 1:
         raise EncodeError(f"expected one COVID-19 measurement group, found {len(groups)}")
     group = groups[0]
-    measurements = group.get_measurements(name=CERTAINTY_OF_FINDING)
     evaluations = group.get_qualitative_evaluations(name=COVID19)
     sources = group.source_images
-    if len(measurements) != 1 or len(evaluations) != 1 or len(sources) != 1:
-        raise EncodeError(
-            "measurement group needs one probability, one evaluation and one source image"
-        )
+    if len(evaluations) != 1 or len(sources) != 1:
+        raise EncodeError("measurement group needs one evaluation and one source image")
+    probabilities = _certainty(group)
+    if len(probabilities) != 1:
+        raise EncodeError("measurement group needs one Certainty of Finding")
     observers = report.get_observer_contexts(observer_type=codes.DCM.Device)
     if not observers:
         raise EncodeError("SR has no device observer context")
@@ -156,8 +226,8 @@ def read_structured_report(source: Dataset | Path | str) -> ReadBack:
     if finding_type is None or group.tracking_uid is None:
         raise EncodeError("measurement group lacks a finding or a tracking UID")
     return ReadBack(
-        probability=float(measurements[0].value),
-        positive=evaluation == PRESENT,
+        probability=probabilities[0],
+        positive=evaluation in (SUSPECTED, PRESENT),
         finding=finding_type,
         evaluation=evaluation,
         source_sop_instance_uid=str(sources[0].referenced_sop_instance_uid),
@@ -173,4 +243,5 @@ def read_structured_report(source: Dataset | Path | str) -> ReadBack:
         study_instance_uid=str(ds.StudyInstanceUID),
         verification_flag=str(ds.get("VerificationFlag", "")),
         region_points=_region_points(report, str(group.tracking_uid)),
+        display=_display(report, str(group.tracking_uid)),
     )

@@ -3,10 +3,12 @@
 The display-ready radiograph (float, bright = dense) is downsampled to at most
 ``sc_max_size`` pixels on its longest side, the heatmap is coloured with a matplotlib
 colormap and blended in (opacity ``heatmap_alpha`` times the map value), and a
-"NOT FOR DIAGNOSTIC USE" mark plus the probability and decision are burned in with
-Pillow. The result is an 8-bit RGB SC image (highdicom ``SCImage``) in the source
-study, in its own series, with Burned In Annotation YES and a Source Image Sequence
-reference to the analysed radiograph.
+"NOT FOR DIAGNOSTIC USE" mark plus the result statement are burned in with Pillow: the
+decision always beside its operating point and the calibrated probability ("COVID-19
+suspected (above the 98 %-sensitivity point, 12 %): probability 23 %"), and what set the
+operating point when a site profile did. The result is an 8-bit RGB SC image (highdicom
+``SCImage``) in the source study, in its own series, with Burned In Annotation YES and a
+Source Image Sequence reference to the analysed radiograph.
 """
 
 from __future__ import annotations
@@ -148,42 +150,52 @@ def _draw_block(
         draw.text((margin, y0 + margin + index * line_height), text, fill=colour, font=font)
 
 
+def annotation_lines(finding: Finding, card: ModelCard) -> list[str]:
+    """List the result text burned into the SC, one line each.
+
+    Parameters
+    ----------
+    finding
+        Calibrated probability, threshold on its scale and what set it.
+    card
+        Model name and version.
+
+    Returns
+    -------
+    list of str
+        The statement (:meth:`Finding.statement`), the model, and, when anything other
+        than the model card set the operating point (a site profile), what did.
+    """
+    lines = [finding.statement(), f"{card.name} {card.version}"]
+    if finding.decided_by and not finding.decided_by.startswith("model card"):
+        lines.append(f"operating point: {finding.decided_by}")
+    return lines
+
+
 def burn_in_annotations(rgb: np.ndarray, finding: Finding, card: ModelCard) -> np.ndarray:
-    """Burn the research-use mark, the probability and the decision into an image.
+    """Burn the research-use mark and the result statement into an image.
 
     Parameters
     ----------
     rgb
         uint8 RGB image (rows, cols, 3).
     finding
-        Probability and threshold.
+        Calibrated probability and threshold.
     card
-        Model name and version, written under the decision.
+        Model name and version, written under the statement.
 
     Returns
     -------
     numpy.ndarray
         A new uint8 RGB image with the text drawn on black boxes (top-left: the
-        mark; bottom-left: probability, decision, model).
+        mark; bottom-left: :func:`annotation_lines`).
     """
     image = Image.fromarray(rgb, mode="RGB")
     draw = ImageDraw.Draw(image)
     rows, cols = rgb.shape[:2]
-    decision = "POSITIVE" if finding.positive else "NEGATIVE"
     _draw_block(draw, [(f"{NOT_FOR_DIAGNOSTIC_USE} - research only", _MARK_COLOUR)], cols, 0, None)
     _draw_block(
-        draw,
-        [
-            (
-                f"COVID-19 probability {finding.probability:.3f} "
-                f"(threshold {finding.threshold:.2f}): {decision}",
-                _TEXT_COLOUR,
-            ),
-            (f"{card.name} {card.version}", _TEXT_COLOUR),
-        ],
-        cols,
-        None,
-        rows,
+        draw, [(line, _TEXT_COLOUR) for line in annotation_lines(finding, card)], cols, None, rows
     )
     return np.asarray(image, dtype=np.uint8)
 
@@ -218,7 +230,7 @@ def build_secondary_capture(
     heatmap
         Map in [0, 1] with the shape of ``pixels``, or None (radiograph and text only).
     finding
-        Probability and threshold, burned in.
+        Calibrated probability and threshold, burned in as one statement.
     card
         Model card: name/version burned in, Device UID for the UIDs and equipment.
     settings
@@ -249,7 +261,6 @@ def build_secondary_capture(
 
     evidence = evidence_dataset(source)
     orientation = _patient_orientation(evidence)
-    decision = "positive" if finding.positive else "negative"
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=without_person_names(evidence),
@@ -298,10 +309,8 @@ def build_secondary_capture(
         sc.Laterality = evidence.Laterality
     sc.ConversionType = "WSD"  # made on a workstation, not digitised from film/video
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = (
-        f"{card.intended_use} COVID-19 probability {finding.probability:.3f}, "
-        f"threshold {finding.threshold:.2f}: {decision}."
-    )
+    decided = f" Operating point set by the {finding.decided_by}." if finding.decided_by else ""
+    sc.ImageComments = f"{card.intended_use} {finding.statement()}.{decided}"
     sc.DerivationDescription = (
         "Source radiograph downsampled, classifier heatmap blended in colour, "
         "annotations burned in."

@@ -6,25 +6,35 @@ Content tree (all via highdicom templates)::
       Language, Observation Context: device observer = the model (Device UID, name)
       Procedure Reported = LOINC 36554-4 "XR Chest Single view"
       Imaging Measurements
-        Measurement Group (TID 1501, image level)
-          Tracking Identifier + Tracking UID (deterministic)
-          Finding = SCT 840539006 COVID-19
-          Algorithm Identification (TID 4019): name, version, threshold, architecture
-          Source = the analysed radiograph
-          NUM  "Certainty of Finding" = COVID probability, UCUM "1"
-          CODE COVID-19 = Present / Absent (probability >= threshold)
-        Measurement Group (TID 1410, planar ROI), same Tracking UID
+        Measurement Group (TID 1410, planar ROI), Tracking UID (deterministic)
           Image Region = ELLIPSE around the heatmap's most salient area, on the radiograph
-          Finding = COVID-19, Algorithm Identification
-          NUM  "COVID-19 Present|Absent, probability" (99CXRPL) = probability, UCUM "%"
+          Finding = SCT 840539006 COVID-19, Algorithm Identification
+          NUM  "COVID-19 suspected, probability" (99CXRPL) = calibrated probability, "%"
+          NUM  "above the 98 %-sensitivity point" (99CXRPL) = threshold, UCUM "%"
+               [or "COVID-19 not suspected, probability" and "below the ..."]
+        Measurement Group (TID 1501, image level), same Tracking UID
+          Tracking Identifier + Tracking UID
+          Finding = COVID-19
+          Algorithm Identification (TID 4019): name, version, parameters: threshold,
+            threshold scale, target sensitivity, what decided (model card or site
+            profile), architecture
+          Source = the analysed radiograph
+          CODE COVID-19 = Suspected / Absent (calibrated probability >= threshold)
+            HAS PROPERTIES NUM "Certainty of Finding" = calibrated probability, UCUM "%"
 
-Why the second group: OHIF v3 (cornerstone-dicom-sr) only displays measurement groups
-with an image region (SCOORD) and fails on the whole SR when a group has none. It merges
-groups that share a Tracking UID into one measurement, so the image-level group travels
-with the planar one; both describe the same tracked finding (PS3.16 TID 1501 / 1410:
-the Tracking UID identifies a finding, not a group). OHIF prints each NUM as
-"meaning: value unit" and never shows qualitative evaluations, so the planar group's
-NUM carries the decision in its meaning and the probability in percent.
+What a reader sees reads as one statement. OHIF v3 (cornerstone-dicom-sr) only displays
+measurement groups with an image region, fails on the whole SR when a group has none, and
+merges groups that share a Tracking UID into one measurement (both groups describe the same
+tracked finding: PS3.16 TID 1501 / 1410, the Tracking UID identifies a finding, not a
+group). It prints each NUM at the top of a merged group as "meaning: value unit" and
+nothing else, so the planar group's two NUMs carry the statement in two short lines
+("COVID-19 suspected, probability: 42.39 %" / "above the 98 %-sensitivity point: 27.00 %";
+one long line ran off the viewport beside a region on the right). The standard Certainty of
+Finding sits below the coded decision (HAS PROPERTIES, the CAD SR idiom of TID 4006 / 4104),
+where every SR consumer finds it and OHIF does not print it a second time ("Certainty of
+Finding: 0.96 1" read as noise beside the statement). The decision is "Suspected", not
+"Present": the operating point is a screening one (high sensitivity), so a flagged image's
+probability can be well below 50 %.
 
 Every container has SEPARATE continuity, so that renderers (DCMTK ``dsr2html``) print a
 concept name beside each value. The document is UNVERIFIED and PRELIMINARY, joins the
@@ -40,19 +50,22 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from cxr_pipeline.dicom.codes import (
     ABSENT,
+    AT_OR_ABOVE_OPERATING_POINT,
+    BELOW_OPERATING_POINT,
     CERTAINTY_OF_FINDING,
     CHEST_XRAY_PROCEDURE,
+    CODE_MEANING_MAX,
     COVID19,
+    COVID19_NOT_SUSPECTED_DISPLAY,
+    COVID19_SUSPECTED_DISPLAY,
     DISPLAY_CODING_SCHEME,
     DISPLAY_CODING_SCHEME_NAME,
-    PRESENT,
-    PROBABILITY_COVID19_ABSENT,
-    PROBABILITY_COVID19_PRESENT,
+    SUSPECTED,
     UCUM_PERCENT,
-    UCUM_UNITY,
 )
 from cxr_pipeline.dicom.uids import ResultUid, instance_uid, series_uid
 from cxr_pipeline.encode._common import (
@@ -73,8 +86,39 @@ TRACKING_IDENTIFIER = "COVID-19 chest radiograph classification"
 """Human-readable Tracking Identifier of the image-level measurement group."""
 
 
+def algorithm_parameters(card: ModelCard, finding: Finding | None = None) -> list[str]:
+    """List the TID 4019 Algorithm Parameters of one result, as ``name=value`` texts.
+
+    Parameters
+    ----------
+    card
+        The model card (architecture; the threshold when no finding is given).
+    finding
+        The reported finding: its threshold, the threshold's scale, the target
+        sensitivity and what set the operating point (model card or site profile).
+
+    Returns
+    -------
+    list of str
+        ``threshold=<t>``, ``threshold_scale=calibrated probability (<method>)`` or
+        ``raw score``, ``target_sensitivity=<s>`` (when known), ``decided_by=<who>`` (when
+        known), ``architecture=<name>``.
+    """
+    if finding is None:
+        return [f"threshold={card.threshold:.6g}", f"architecture={card.architecture}"]
+    scale = (f"calibrated probability ({finding.calibration_method})" if finding.calibrated
+             else "raw score")
+    params = [f"threshold={finding.threshold:.6g}", f"threshold_scale={scale}"]
+    if finding.target_sensitivity is not None:
+        params.append(f"target_sensitivity={finding.target_sensitivity:.6g}")
+    if finding.decided_by:
+        params.append(f"decided_by={finding.decided_by}")
+    params.append(f"architecture={card.architecture}")
+    return params
+
+
 def algorithm_identification(
-    card: ModelCard, settings: OutputSettings
+    card: ModelCard, settings: OutputSettings, finding: Finding | None = None
 ) -> hd.sr.AlgorithmIdentification:
     """TID 4019 Algorithm Identification of the model: name, version and parameters.
 
@@ -84,18 +128,53 @@ def algorithm_identification(
         The model card.
     settings
         Output settings (manufacturer).
+    finding
+        The reported finding, whose operating point the parameters record
+        (:func:`algorithm_parameters`).
 
     Returns
     -------
     highdicom.sr.AlgorithmIdentification
-        With parameters ``threshold=<t>`` and ``architecture=<name>``.
+        With the parameters of :func:`algorithm_parameters`.
     """
     return hd.sr.AlgorithmIdentification(
         name=card.name,
         version=card.version,
-        parameters=[f"threshold={card.threshold:g}", f"architecture={card.architecture}"],
+        parameters=algorithm_parameters(card, finding),
         manufacturer=settings.manufacturer,
     )
+
+
+def display_measurements(finding: Finding) -> list[hd.sr.Measurement]:
+    """Build the planar group's NUMs: the statement as OHIF prints it, in two lines.
+
+    Parameters
+    ----------
+    finding
+        The reported finding.
+
+    Returns
+    -------
+    list of highdicom.sr.Measurement
+        "COVID-19 suspected, probability" (or "not suspected") = the probability in %, and
+        "above the 98 %-sensitivity point" (or "at ...", "below ...", "... the operating
+        point" without a target sensitivity) = the threshold in %.
+    """
+    verdict = COVID19_SUSPECTED_DISPLAY if finding.positive else COVID19_NOT_SUSPECTED_DISPLAY
+    point = AT_OR_ABOVE_OPERATING_POINT if finding.positive else BELOW_OPERATING_POINT
+    meaning = f"{finding.side()} {finding.point_name()}"
+    if len(meaning) > CODE_MEANING_MAX:  # cannot happen for a target written as "98.5 %"
+        meaning = point.meaning
+    return [
+        hd.sr.Measurement(
+            name=verdict, value=round(100.0 * float(finding.probability), 4), unit=UCUM_PERCENT
+        ),
+        hd.sr.Measurement(
+            name=Code(point.value, point.scheme_designator, meaning),
+            value=round(100.0 * float(finding.threshold), 4),
+            unit=UCUM_PERCENT,
+        ),
+    ]
 
 
 def _check_finding(finding: Finding) -> None:
@@ -120,7 +199,7 @@ def _salient_region_group(
     algorithm: hd.sr.AlgorithmIdentification,
     source_image: hd.sr.SourceImageForRegion,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 group: the salient-area ellipse, labelled with decision and probability."""
+    """TID 1410 group: the salient-area ellipse, labelled with the statement and probability."""
     rows, cols = _source_size(source)
     ellipse = salient_ellipse(heatmap, rows, cols)
     region = hd.sr.ImageRegion(
@@ -128,16 +207,12 @@ def _salient_region_group(
         graphic_data=ellipse.graphic_data(),
         source_image=source_image,
     )
-    label = PROBABILITY_COVID19_PRESENT if finding.positive else PROBABILITY_COVID19_ABSENT
-    percent = hd.sr.Measurement(
-        name=label, value=round(100.0 * float(finding.probability), 4), unit=UCUM_PERCENT
-    )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         referenced_region=region,
         finding_type=COVID19,
         algorithm_id=algorithm,
-        measurements=[percent],
+        measurements=display_measurements(finding),
     )
 
 
@@ -209,20 +284,25 @@ def build_structured_report(
             uid=instance_uid(ResultUid.TRACKING, ref.sop_instance_uid, card.device_uid),
             identifier=TRACKING_IDENTIFIER,
         )
-        algorithm = algorithm_identification(card, settings)
-        probability = hd.sr.Measurement(
-            name=CERTAINTY_OF_FINDING,
-            value=float(finding.probability),
-            unit=UCUM_UNITY,
-        )
+        algorithm = algorithm_identification(card, settings, finding)
         decision = hd.sr.QualitativeEvaluation(
-            name=COVID19, value=PRESENT if finding.positive else ABSENT
+            name=COVID19, value=SUSPECTED if finding.positive else ABSENT
+        )
+        # The probability as a property of the coded decision (see the module docstring).
+        decision[0].ContentSequence = hd.sr.ContentSequence(
+            [
+                hd.sr.NumContentItem(
+                    name=CERTAINTY_OF_FINDING,
+                    value=round(100.0 * float(finding.probability), 6),
+                    unit=UCUM_PERCENT,
+                    relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+                )
+            ]
         )
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             finding_type=COVID19,
             algorithm_id=algorithm,
-            measurements=[probability],
             qualitative_evaluations=[decision],
             source_images=[source_image],
         )
@@ -249,8 +329,8 @@ def build_structured_report(
         report = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
             procedure_reported=CHEST_XRAY_PROCEDURE,
-            # The planar group first: OHIF lists its labels (decision) before the
-            # image-level group's merged ones (Certainty of Finding).
+            # The planar group first: OHIF takes the merged measurement's region and its
+            # one printed line from it.
             imaging_measurements=[region_group, group],
         )
         sr = hd.sr.Comprehensive3DSR(

@@ -302,7 +302,7 @@ def expected_calibration_error(probabilities: Any, labels: Any, n_bins: int = 10
         mask = bins == b
         if mask.any():
             total += mask.sum() / p.size * abs(float(y[mask].mean()) - float(p[mask].mean()))
-    return total
+    return float(total)  # a Python float: numpy scalars do not load with weights_only
 
 
 def brier_score(probabilities: Any, labels: Any) -> float:

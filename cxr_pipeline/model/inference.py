@@ -235,6 +235,7 @@ class Predictor:
             score=float(score),
             decided_by=f"{point.source} {point.name}".strip(),
             target_sensitivity=point.target_sensitivity,
+            calibration_method=point.calibration.method,
         )
 
     @classmethod

@@ -88,6 +88,7 @@ def _results(
     with lock if lock is not None else contextlib.nullcontext():
         analysis = analyse(spool.path_for(uid), engine)
     metrics.observe_timings(analysis.timings_ms)
+    metrics.observe_finding(analysis.finding)
     log.info(
         "%s analysed: positive=%s timings_ms=%s",
         uid,

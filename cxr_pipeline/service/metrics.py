@@ -28,6 +28,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from cxr_pipeline.results import Finding
+
 log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("ingest", "infer", "explain", "encode", "send")
@@ -87,6 +89,42 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=_STAGE_BUCKETS,
 )
+
+
+PROBABILITY_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
+"""Buckets of ``cxr_covid_probability`` (the calibrated probability, not the raw score)."""
+
+PROBABILITY = Histogram(
+    "cxr_covid_probability",
+    "Calibrated COVID-19 probability of each analysed image (the number the SR and SC show).",
+    buckets=PROBABILITY_BUCKETS,
+)
+FINDINGS = Counter(
+    "cxr_findings",
+    "Analysed images by decision at the operating point (suspected / not_suspected).",
+    ["decision"],
+)
+OPERATING_THRESHOLD = Gauge(
+    "cxr_operating_threshold",
+    "Decision threshold on the calibrated probability scale, by what set it (model card or "
+    "site profile) and the sensitivity it was chosen for (empty when not recorded).",
+    ["decided_by", "target_sensitivity"],
+)
+
+
+def observe_finding(finding: Finding) -> None:
+    """Record one image's calibrated probability, its decision and the operating point.
+
+    Parameters
+    ----------
+    finding
+        The reported finding (:meth:`cxr_pipeline.model.inference.Predictor.finding`).
+    """
+    PROBABILITY.observe(finding.probability)
+    FINDINGS.labels(decision="suspected" if finding.positive else "not_suspected").inc()
+    target = "" if finding.target_sensitivity is None else f"{finding.target_sensitivity:g}"
+    OPERATING_THRESHOLD.labels(decided_by=finding.decided_by,
+                               target_sensitivity=target).set(finding.threshold)
 
 
 def observe_timings(timings_ms: Mapping[str, float]) -> None:

@@ -80,6 +80,16 @@ def _check_against_ledger(samples: Samples, ledger: Ledger, outcome: str) -> Non
     for stage in ("ingest", "infer", "explain", "encode"):
         assert _value(samples, "cxr_stage_seconds_count", stage=stage) == 1, stage
         assert _value(samples, "cxr_stage_seconds_sum", stage=stage) > 0, stage
+    # The analysed image's calibrated probability, its decision and the operating point.
+    assert _value(samples, "cxr_covid_probability_count") == 1
+    assert 0.0 <= _value(samples, "cxr_covid_probability_sum") <= 1.0
+    decisions = [v for (n, _), v in samples.items() if n == "cxr_findings_total"]
+    assert sum(decisions) == 1
+    thresholds = {dict(labels)["decided_by"]: v for (n, labels), v in samples.items()
+                  if n == "cxr_operating_threshold"}
+    assert len(thresholds) == 1
+    (decided_by,) = thresholds
+    assert decided_by.startswith("model card ")
 
 
 FILES = ("RG1_UNCR.dcm", "CT_small.dcm")  # one chest CR, one CT (skipped)

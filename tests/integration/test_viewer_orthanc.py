@@ -63,7 +63,9 @@ def results(shared_dicom_dir: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
     heat[300:500, 550:750] = 1.0
     del source.PixelData
     card = ModelCard(name="m", version="1", architecture="squeezenet1_1", device_uid="2.25.9")
-    finding = Finding(0.42, 0.5)
+    # Flagged at a high-sensitivity operating point with a probability below 50 %.
+    finding = Finding(0.23, 0.12, target_sensitivity=0.98, decided_by="model card m 1",
+                      calibration_method="platt")
     sr = build_structured_report(source, finding, card, OutputSettings(), heatmap=heat)
     sc = build_secondary_capture(source, pixels, heat, finding, card, OutputSettings())
     sr_path, sc_path = tmp_path / "sr.dcm", tmp_path / "sc.dcm"
@@ -107,6 +109,11 @@ def test_dicomweb_through_the_viewer_proxy(
         assert isinstance(metadata, list)
         assert metadata[0]["00080018"]["Value"][0] == sr.SOPInstanceUID
         assert "0040A730" in metadata[0]  # the SR content tree is in the metadata
+        # What OHIF reads from it: the decision beside its operating point, never "Present".
+        tree = json.dumps(metadata[0]["0040A730"])
+        assert "COVID-19 suspected, probability" in tree
+        assert "above the 98 %-sensitivity point" in tree
+        assert "Present" not in tree and "415684004" in tree
     finally:
         server.stop()
 

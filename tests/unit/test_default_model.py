@@ -13,6 +13,7 @@ from cxr_pipeline.encode.reading import read_structured_report
 from cxr_pipeline.encode.secondary_capture import build_secondary_capture
 from cxr_pipeline.encode.structured_report import build_structured_report
 from cxr_pipeline.model.architectures import default_checkpoint_path, load_checkpoint
+from cxr_pipeline.model.calibration import FIT_METHODS
 from cxr_pipeline.results import Finding
 from cxr_pipeline.settings import OutputSettings
 from training.train import weights_device_uid
@@ -35,6 +36,28 @@ def test_default_checkpoint_and_card() -> None:
     assert card.device_uid == weights_device_uid(model)
     on_disk = json.loads(path.with_suffix(".card.json").read_text(encoding="utf-8"))
     assert on_disk == card.to_dict()
+
+
+def test_the_default_is_calibrated_on_its_validation_split(repo_root: Path) -> None:
+    from training.datasets import read_manifest
+
+    _, card = load_checkpoint(default_checkpoint_path())
+    split = read_manifest(repo_root / "docs" / "model" / "split.csv")
+    val = [s for s in split if s.split == "val"]
+    assert card.calibration.method in FIT_METHODS
+    assert card.calibration.n == len(val)
+    assert card.calibration.fitted_on.startswith("validation split")
+    # The operating point lives on the calibrated scale and flags what the raw threshold did.
+    point = card.operating_point()
+    assert point.threshold == pytest.approx(card.calibration.apply_one(card.threshold))
+    assert point.target_sensitivity == pytest.approx(0.98)
+    raw = np.linspace(0.0, 1.0, 2001)
+    flagged_raw = raw >= card.threshold
+    flagged_calibrated = card.calibration.apply(raw) >= point.threshold
+    assert (flagged_raw <= flagged_calibrated).all()  # nothing the raw rule flags is lost
+    # The test figures in the card: calibration lowered the ECE there.
+    assert card.metrics["test_ece"] < card.metrics["test_ece_uncalibrated"]
+    assert card.metrics["test_brier"] < card.metrics["test_brier_uncalibrated"]
 
 
 def test_sr_and_sc_name_the_default_model_and_version(rg1_uncr: Path, tmp_path: Path) -> None:

@@ -87,6 +87,22 @@ def test_observe_timings_fills_the_stage_histogram() -> None:
     assert abs((after - before) - 0.25) < 1e-9
 
 
+def test_observe_finding_records_the_calibrated_probability_and_operating_point() -> None:
+    from cxr_pipeline.results import Finding
+
+    finding = Finding(0.23, 0.12, score=0.04, decided_by="site profile Test Hospital",
+                      target_sensitivity=0.95, calibration_method="platt")
+    before_sum = metrics.PROBABILITY._sum.get()
+    before_flagged = metrics.FINDINGS.labels(decision="suspected")._value.get()
+    metrics.observe_finding(finding)
+    # the calibrated probability, not the raw score
+    assert abs((metrics.PROBABILITY._sum.get() - before_sum) - 0.23) < 1e-9
+    assert metrics.FINDINGS.labels(decision="suspected")._value.get() == before_flagged + 1
+    threshold = metrics.OPERATING_THRESHOLD.labels(
+        decided_by="site profile Test Hospital", target_sensitivity="0.95")
+    assert threshold._value.get() == 0.12
+
+
 def test_grafana_dashboard_uses_only_exported_metric_names() -> None:
     dashboard = json.loads((REPO_ROOT / "configs" / "grafana" / "cxr-pipeline.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
@@ -101,6 +117,9 @@ def test_grafana_dashboard_uses_only_exported_metric_names() -> None:
             metrics.ASSOCIATIONS_REFUSED,
         )),
         metrics.ASSOCIATIONS_ACTIVE._name,
+        f"{metrics.FINDINGS._name}_total",
         f"{metrics.STAGE_SECONDS._name}_bucket",
+        f"{metrics.PROBABILITY._name}_bucket",
+        metrics.OPERATING_THRESHOLD._name,
     }  # fmt: skip
     assert used and used <= exported, used - exported

@@ -102,3 +102,37 @@ def test_warm_up_analyses_a_generated_chest_radiograph(tiny_checkpoint: Path) ->
     check_chest_radiograph(ds, IngestSettings())  # passes the default policy as is
     settings = load_settings(model={"checkpoint": str(tiny_checkpoint), "device": "cpu"})
     assert warm_up(Engine.from_settings(settings)) > 0
+
+
+def test_command_line_and_results_carry_the_calibrated_probability(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dataclasses import replace
+
+    from cxr_pipeline.model.architectures import load_checkpoint, save_checkpoint
+    from cxr_pipeline.model.calibration import Calibration
+
+    model, card = load_checkpoint(tiny_checkpoint)
+    calibration = Calibration(method="platt", slope=2.0, intercept=1.0, fitted_on="test", n=9)
+    calibrated = tmp_path / "calibrated.pt"
+    save_checkpoint(calibrated, model, replace(card, calibration=calibration))
+    status = main([str(testdata("RG1_UNCR.dcm")), "--out", str(tmp_path / "out"),
+                   "--checkpoint", str(calibrated), "--heatmap", "none"])
+    assert status == EXIT_OK
+    printed = json.loads(capsys.readouterr().out)
+    raw = printed["raw_score"]
+    assert printed["covid_probability"] == pytest.approx(calibration.apply_one(raw), abs=1e-6)
+    assert printed["covid_probability"] != pytest.approx(raw, abs=1e-3)
+    assert printed["threshold"] == pytest.approx(calibration.apply_one(card.threshold), abs=1e-6)
+    assert printed["threshold_scale"] == "calibrated probability (platt)"
+    assert printed["decided_by"] == f"model card {card.name} {card.version}"
+    positive = printed["covid_probability"] >= printed["threshold"]
+    assert printed["covid_positive"] is positive
+    assert printed["statement"].startswith(
+        "COVID-19 suspected (above" if positive else "COVID-19 not suspected (below")
+    back = read_structured_report(Path(printed["structured_report"]))
+    assert back.probability == pytest.approx(printed["covid_probability"], abs=1e-6)
+    assert back.threshold == pytest.approx(printed["threshold"], rel=1e-5)
+    assert back.parameter("threshold_scale") == "calibrated probability (platt)"
+    sc = pydicom.dcmread(printed["secondary_capture"], stop_before_pixels=True)
+    assert printed["statement"] in sc.ImageComments

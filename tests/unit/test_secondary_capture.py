@@ -13,7 +13,7 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ImplicitVRLittleEndian
 
 from cxr_pipeline.dicom.codes import SopClass
-from cxr_pipeline.encode.secondary_capture import build_secondary_capture
+from cxr_pipeline.encode.secondary_capture import annotation_lines, build_secondary_capture
 from cxr_pipeline.encode.structured_report import build_structured_report
 from cxr_pipeline.errors import EncodeError
 from cxr_pipeline.model.card import ModelCard
@@ -101,7 +101,11 @@ def test_sc_is_valid_rgb_with_burned_in_text(
     assert stored.BurnedInAnnotation == "YES"
     assert "DERIVED" in stored.ImageType
     assert "NOT FOR DIAGNOSTIC USE" in stored.SeriesDescription
-    assert ("positive" if probability >= 0.5 else "negative") in stored.ImageComments
+    verdict = "suspected" if probability >= 0.5 else "not suspected"
+    side = "above" if probability >= 0.5 else "below"
+    assert (f"COVID-19 {verdict} ({side} the operating point, 50 %): probability "
+            f"{100 * probability:.0f} %") in stored.ImageComments
+    assert "POSITIVE" not in stored.ImageComments and "Present" not in stored.ImageComments
     reference = stored.SourceImageSequence[0]
     assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert reference.ReferencedSOPClassUID == source.SOPClassUID
@@ -292,3 +296,20 @@ def test_sc_has_series_and_content_dates_and_no_window(
         assert keyword not in sc, keyword
     assert sc.PhotometricInterpretation == "RGB"
     assert sc.PlanarConfiguration == 0
+
+
+def test_burned_in_lines_carry_the_statement_and_a_site_profile() -> None:
+    card = ModelCard(name="m", version="2.0.0", architecture="efficientnet_lite0",
+                     device_uid="2.25.1")
+    by_card = Finding(0.23, 0.12, target_sensitivity=0.98, decided_by="model card m 2.0.0")
+    assert annotation_lines(by_card, card) == [
+        "COVID-19 suspected (above the 98 %-sensitivity point, 12 %): probability 23 %",
+        "m 2.0.0",
+    ]
+    by_site = Finding(0.08, 0.12, target_sensitivity=0.95,
+                      decided_by="site profile St Elsewhere")
+    assert annotation_lines(by_site, card) == [
+        "COVID-19 not suspected (below the 95 %-sensitivity point, 12 %): probability 8 %",
+        "m 2.0.0",
+        "operating point: site profile St Elsewhere",
+    ]

@@ -17,14 +17,18 @@ from pydicom.sr.codedict import codes
 
 from cxr_pipeline.dicom.codes import (
     ABSENT,
+    AT_OR_ABOVE_OPERATING_POINT,
+    BELOW_OPERATING_POINT,
+    CODE_MEANING_MAX,
     COVID19,
-    PRESENT,
-    PROBABILITY_COVID19_PRESENT,
+    COVID19_NOT_SUSPECTED_DISPLAY,
+    COVID19_SUSPECTED_DISPLAY,
+    SUSPECTED,
     UCUM_PERCENT,
     SopClass,
 )
 from cxr_pipeline.encode.reading import read_structured_report
-from cxr_pipeline.encode.structured_report import build_structured_report
+from cxr_pipeline.encode.structured_report import build_structured_report, display_measurements
 from cxr_pipeline.errors import EncodeError
 from cxr_pipeline.model.card import ModelCard
 from cxr_pipeline.results import Finding
@@ -84,10 +88,10 @@ def test_sr_is_valid_and_reads_back(
     assert '(126000,DCM,"Imaging Measurement Report")' in dump
     assert '(121058,DCM,"Procedure reported")=(36554-4,LN,' in dump
     assert '(121071,DCM,"Finding")=(840539006,SCT,"COVID-19")' in dump
-    decision = PRESENT if positive else ABSENT
+    decision = SUSPECTED if positive else ABSENT
     assert f'(840539006,SCT,"COVID-19")=({decision.value},SCT,' in dump
     assert '(111012,DCM,"Certainty of Finding")' in dump
-    assert "(1,UCUM," in dump
+    assert "(%,UCUM," in dump
     assert rg1_header.SOPInstanceUID in dsr2html(path)
 
     back = read_structured_report(path)
@@ -102,6 +106,8 @@ def test_sr_is_valid_and_reads_back(
     assert back.algorithm_name == card.name
     assert back.algorithm_version == card.version
     assert "threshold=0.5" in back.algorithm_parameters
+    assert back.threshold == 0.5
+    assert back.parameter("threshold_scale") == "raw score"
     assert "architecture=squeezenet1_1" in back.algorithm_parameters
     assert back.verification_flag == "UNVERIFIED"
     assert back.sop_instance_uid == sr.SOPInstanceUID
@@ -325,12 +331,16 @@ def test_planar_region_group_outlines_the_salient_area(
     assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues.ELLIPSE
     referenced = region.ContentSequence[0].ReferencedSOPSequence[0]
     assert referenced.ReferencedSOPInstanceUID == rg1_header.SOPInstanceUID
-    (label,) = group.get_measurements()
-    assert label.name == PROBABILITY_COVID19_PRESENT
+    label, point = group.get_measurements()
+    assert label.name == COVID19_SUSPECTED_DISPLAY
     assert label.value == pytest.approx(87.31)
     assert label.unit == UCUM_PERCENT
+    assert point.name.value == AT_OR_ABOVE_OPERATING_POINT.value
+    assert point.name.meaning == "above the operating point"
+    assert point.value == pytest.approx(50.0)
+    assert point.unit == UCUM_PERCENT
     declared = sr.CodingSchemeIdentificationSequence[0]
-    assert declared.CodingSchemeDesignator == PROBABILITY_COVID19_PRESENT.scheme_designator
+    assert declared.CodingSchemeDesignator == COVID19_SUSPECTED_DISPLAY.scheme_designator
 
 
 def test_without_heatmap_the_region_is_the_whole_image(
@@ -344,7 +354,9 @@ def test_without_heatmap_the_region_is_the_whole_image(
     rows = [r for _, r in back.region_points]
     assert (min(cols), max(cols)) == (0.0, float(rg1_header.Columns))
     assert (min(rows), max(rows)) == (0.0, float(rg1_header.Rows))
-    assert "COVID-19 Absent, probability" in dsrdump(path)
+    dump = dsrdump(path)
+    assert '"COVID-19 not suspected, probability")="20.0"' in dump
+    assert '"below the operating point")="50.0"' in dump
 
 
 def test_every_container_is_separate_and_dsr2html_labels_every_value(
@@ -360,34 +372,131 @@ def test_every_container_is_separate_and_dsr2html_labels_every_value(
     stored = dcmread(path)
     numbers = [
         item.MeasuredValueSequence[0].NumericValue
-        for group in stored.ContentSequence[-1].ContentSequence
-        for item in group.ContentSequence
+        for item in _items(stored)
         if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "111012"
     ]
     assert len(numbers) == 1
     written = str(numbers[0])
-    assert written.startswith("0.174466")
-    assert f"Certainty of Finding: {written} 1" in text
+    assert written.startswith("17.446625")
+    assert f"Certainty of Finding = {written} %" in text
     assert "COVID-19: Absent" in text
-    assert "COVID-19" in text
+    assert "COVID-19 not suspected, probability: 17.4466 %" in text
+    assert "below the operating point: 50.0 %" in text
+    assert "Present" not in text
 
 
-def test_series_and_content_dates_are_set(
-    rg1_header: Dataset, card: ModelCard, settings: OutputSettings
+def _items(item: Dataset) -> list[Dataset]:
+    found = []
+    for child in item.get("ContentSequence", []):
+        found.append(child)
+        found.extend(_items(child))
+    return found
+
+
+def ohif_lines(path: Path) -> list[str]:
+    """The text lines OHIF v3.13 draws beside an SR's region (its cornerstone-dicom-sr logic).
+
+    Measurement groups of Imaging Measurements are merged by Tracking UID; every NUM item
+    directly in a merged group with a measured value becomes "meaning: value(2 dp) unit".
+    """
+    ds = dcmread(path)
+    imaging = next(
+        i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"
+    )
+    merged: dict[str, list[Dataset]] = {}
+    for group in imaging.ContentSequence:
+        uid = next(i.UID for i in group.ContentSequence if i.ValueType == "UIDREF")
+        merged.setdefault(uid, []).extend(group.ContentSequence)
+    lines = []
+    for content in merged.values():
+        for item in content:
+            if item.ValueType == "NUM" and "MeasuredValueSequence" in item:
+                value = item.MeasuredValueSequence[0]
+                lines.append(
+                    f"{item.ConceptNameCodeSequence[0].CodeMeaning}: "
+                    f"{float(value.NumericValue):.2f} "
+                    f"{value.MeasurementUnitsCodeSequence[0].CodeValue}"
+                )
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("finding", "lines"),
+    [
+        (
+            Finding(0.4239, 0.27, target_sensitivity=0.98, calibration_method="platt",
+                    decided_by="model card m 1"),
+            ["COVID-19 suspected, probability: 42.39 %",
+             "above the 98 %-sensitivity point: 27.00 %"],
+        ),
+        (
+            Finding(0.031, 0.27, target_sensitivity=0.98, calibration_method="platt"),
+            ["COVID-19 not suspected, probability: 3.10 %",
+             "below the 98 %-sensitivity point: 27.00 %"],
+        ),
+        (
+            Finding(0.9594, 0.5),
+            ["COVID-19 suspected, probability: 95.94 %", "above the operating point: 50.00 %"],
+        ),
+        (
+            Finding(0.2, 0.2, target_sensitivity=0.975),
+            ["COVID-19 suspected, probability: 20.00 %",
+             "at the 97.5 %-sensitivity point: 20.00 %"],
+        ),
+    ],
+)
+def test_ohif_draws_one_statement_and_dsr2html_shows_the_operating_point(
+    rg1_header: Dataset,
+    card: ModelCard,
+    settings: OutputSettings,
+    tmp_path: Path,
+    finding: Finding,
+    lines: list[str],
 ) -> None:
-    sr = build_structured_report(rg1_header, Finding(0.7, 0.5), card, settings)
-    for keyword in ("SeriesDate", "SeriesTime", "ContentDate", "ContentTime"):
-        assert sr.get(keyword), keyword
-    assert sr.SeriesDate == sr.ContentDate
-    assert sr.SeriesTime == sr.ContentTime
-
-
-def test_invalid_source_age_does_not_reach_the_sr(
-    shared_dicom_dir: Path, card: ModelCard, settings: OutputSettings, tmp_path: Path
-) -> None:
-    source = dcmread(shared_dicom_dir / "rsna_cr_ap_jpeg_baseline.dcm", stop_before_pixels=True)
-    assert source.PatientAge == "68"  # the defect: AS needs "068Y"
-    sr = build_structured_report(source, Finding(0.4, 0.5), card, settings)
+    sr = build_structured_report(rg1_header, finding, card, settings)
     path = _write(sr, tmp_path, "sr.dcm")
     _assert_valid(path)
-    assert "PatientAge" not in dcmread(path)
+    # The statement in two short lines, and no third "Certainty of Finding: 0.42 1" line:
+    # the standard NUM sits below the coded decision, which OHIF does not print.
+    assert ohif_lines(path) == lines
+    assert read_structured_report(path).display == tuple(lines)
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dsr2html(path)))
+    assert "Present" not in text
+    assert f"threshold={finding.threshold:.6g}" in text
+    assert "COVID-19: Suspected" in text if finding.positive else "COVID-19: Absent" in text
+
+
+def test_algorithm_parameters_record_the_operating_point_and_who_set_it(
+    rg1_header: Dataset, card: ModelCard, settings: OutputSettings, tmp_path: Path
+) -> None:
+    finding = Finding(0.4, 0.2, score=0.05, decided_by="site profile St Elsewhere",
+                      target_sensitivity=0.95, calibration_method="isotonic")
+    path = _write(build_structured_report(rg1_header, finding, card, settings), tmp_path, "s.dcm")
+    back = read_structured_report(path)
+    assert back.probability == pytest.approx(0.4)
+    assert back.positive
+    assert back.evaluation == SUSPECTED
+    assert back.threshold == pytest.approx(0.2)
+    assert back.parameter("threshold_scale") == "calibrated probability (isotonic)"
+    assert back.parameter("target_sensitivity") == "0.95"
+    assert back.parameter("decided_by") == "site profile St Elsewhere"
+    assert back.display == ("COVID-19 suspected, probability: 40.00 %",
+                            "above the 95 %-sensitivity point: 20.00 %")
+
+
+@pytest.mark.parametrize("positive", [True, False])
+@pytest.mark.parametrize("target", [None, 0.98, 0.975])
+def test_display_concepts_fit_their_vr_and_name_the_decision(
+    positive: bool, target: float | None
+) -> None:
+    threshold = 0.1234567
+    probability = threshold + (1e-5 if positive else -1e-5)
+    verdict, point = display_measurements(Finding(probability, threshold,
+                                                  target_sensitivity=target))
+    assert verdict.name == (COVID19_SUSPECTED_DISPLAY if positive
+                            else COVID19_NOT_SUSPECTED_DISPLAY)
+    wanted = AT_OR_ABOVE_OPERATING_POINT if positive else BELOW_OPERATING_POINT
+    assert point.name.value == wanted.value
+    assert len(point.name.meaning) <= CODE_MEANING_MAX
+    assert point.name.meaning.startswith("above the " if positive else "below the ")
+    assert point.value == pytest.approx(100 * threshold, abs=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from cxr_pipeline.model.calibration import FIT_METHODS, expected_calibration_error
 from tests.support.pool import one_image_per_patient
 from training.datasets import COVID, NON_COVID, read_manifest, write_manifest
 from training.evaluate import evaluate_scores
@@ -139,14 +141,17 @@ def test_train_and_eval_end_to_end(tiny_split: Path, shared_data_dir: Path,
     out = tmp_path / "report"
     assert eval_main(["--checkpoint", str(ckpt), "--split", str(tiny_split), "--data-dir",
                       str(shared_data_dir), "--out", str(out), "--bootstrap", "200",
-                      "--update-card"]) == 0
+                      "--update-card", "--fit-calibration"]) == 0
     for name in ("scores.csv", "table.csv", "per_source.csv", "evaluation.md",
-                 "evaluation.json", "roc.png", "pr.png", "histogram.png", "confusion.png"):
+                 "evaluation.json", "roc.png", "pr.png", "histogram.png", "confusion.png",
+                 "calibration.csv", "calibration.json", "reliability.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    lines = (out / "scores.csv").read_text().splitlines()[1:]
+    with (out / "scores.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
     test = [s for s in read_manifest(tiny_split) if s.split == "test"]
-    assert len(lines) == len(test)
-    scores = np.array([float(line.rsplit(",", 1)[1]) for line in lines])
+    assert [r["path"] for r in rows] == [s.path for s in test]
+    scores = np.array([float(r["covid_probability"]) for r in rows])
+    calibrated = np.array([float(r["calibrated_probability"]) for r in rows])
     labels = np.array([s.target for s in test])
     report = json.loads((out / "evaluation.json").read_text())
     assert report["auc"] == pytest.approx(roc(scores, labels)[1], abs=1e-5)
@@ -161,6 +166,37 @@ def test_train_and_eval_end_to_end(tiny_split: Path, shared_data_dir: Path,
     assert card2.device_uid == card.device_uid == weights_device_uid(model2)
     on_disk = json.loads(ckpt.with_suffix(".card.json").read_text())
     assert on_disk["metrics"]["test_auc"] == pytest.approx(report["auc"])
+    # --fit-calibration: a map fitted on the validation split, stored in the card, and the
+    # report's "after" figures are those of the card's map on the test scores.
+    chosen = json.loads((out / "calibration.json").read_text())
+    assert card2.calibration.method == chosen["chosen"]["method"] in FIT_METHODS
+    assert set(chosen["out_of_fold_log_loss"]) == set(FIT_METHODS)
+    val = [s for s in read_manifest(tiny_split) if s.split == "val"]
+    assert card2.calibration.n == len(val)
+    assert card2.calibration.fitted_on.startswith("validation split of split.csv")
+    assert on_disk["calibration"] == card2.calibration.to_dict()
+    # The CSV's raw scores have 6 decimals; a map fitted on 5 validation images can be steep
+    # enough to magnify that rounding to a few 1e-4.
+    np.testing.assert_allclose(calibrated, card2.calibration.apply(scores), atol=2e-3)
+    overall = report["calibration_figures"][0]
+    assert overall["scope"] == "all" and overall["n"] == len(test)
+    assert overall["ece_before"] == pytest.approx(expected_calibration_error(scores, labels),
+                                                  abs=1e-5)
+    assert overall["ece_after"] == pytest.approx(
+        expected_calibration_error(calibrated, labels), abs=1e-5)
+    assert {r["scope"] for r in report["calibration_figures"][1:]} == sources
+    assert report["calibrated_threshold"] == pytest.approx(
+        card2.operating_point().threshold)
+    assert card2.metrics["test_ece"] == pytest.approx(overall["ece_after"])
+    assert "## Calibration" in (out / "evaluation.md").read_text()
+
+
+def test_calibration_split_must_not_overlap_the_test_split(
+        tiny_split: Path, shared_data_dir: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    assert eval_main(["--checkpoint", str(tiny_checkpoint), "--split", str(tiny_split),
+                      "--data-dir", str(shared_data_dir), "--out", str(tmp_path / "r"),
+                      "--fit-calibration", "--calibrate-on", "test"]) == 2
+    assert not (tmp_path / "r").exists()
 
 
 def test_evaluate_scores_per_source() -> None:

@@ -1,11 +1,13 @@
 """A "site" of real labelled chest radiographs as DICOM, for cxr-validate and site profiles.
 
-The pixels are the ieee8023 collection's real radiographs (both classes) from the shared
-data folder; each is written as DICOM by :mod:`tests.support.dicom_factory` with headers
-varied the way a hospital's archive varies them: several manufacturers and institutions
-(fixed per patient, as a patient is imaged at one place), CR and DX, PA and AP views,
-MONOCHROME1 and MONOCHROME2. Patient IDs come from the manifest, so patient-grouped
-figures see the collection's real clustering (some patients have several images).
+The pixels are real radiographs from the shared data folder: by default the ieee8023
+collection's (both classes), or any manifest rows given (e.g. a model's test split from its
+``split.csv``, ``--split-file docs/model/split.csv --split test``); each is written as
+DICOM by :mod:`tests.support.dicom_factory` with headers varied the way a hospital's
+archive varies them: several manufacturers and institutions (fixed per patient, as a
+patient is imaged at one place), CR and DX, PA and AP views, MONOCHROME1 and MONOCHROME2.
+Patient IDs come from the manifest, so patient-grouped figures see the collection's real
+clustering (some patients have several images).
 """
 
 from __future__ import annotations
@@ -155,8 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/cxr"))
     parser.add_argument("--per-class", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-file", type=Path,
+                        help="a split.csv (manifest columns plus split): write its rows instead")
+    parser.add_argument("--split", default="test", help="which split of --split-file")
     args = parser.parse_args(argv)
-    images = build_site(args.out / "site", args.data, n_per_class=args.per_class, seed=args.seed)
+    rows = None
+    if args.split_file is not None:
+        with args.split_file.open(newline="", encoding="utf-8") as handle:
+            rows = [r for r in csv.DictReader(handle) if r["split"] == args.split]
+    images = build_site(args.out / "site", args.data, n_per_class=args.per_class, seed=args.seed,
+                        rows=rows)
     write_labels(images, args.out / "labels.csv")
     print(f"{len(images)} images under {args.out / 'site'}, labels in {args.out / 'labels.csv'}")
     return 0

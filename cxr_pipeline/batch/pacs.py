@@ -43,6 +43,8 @@ from cxr_pipeline.batch.remote import (
     Retrieved,
     SeriesMatch,
     StudyMatch,
+    instance_matches,
+    text_value,
 )
 from cxr_pipeline.dicom.codes import (
     ANALYSABLE_SOP_CLASSES,
@@ -60,11 +62,6 @@ from cxr_pipeline.service.tls import peer_context
 from cxr_pipeline.settings import BatchSettings, Destination, SendSettings
 
 log = logging.getLogger(__name__)
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return "" if value is None else str(value).strip()
 
 
 def _multi(ds: Dataset, keyword: str) -> tuple[str, ...]:
@@ -265,10 +262,10 @@ class DimseSource:
         )
         studies = []
         for ds in answers:
-            uid = _text(ds, "StudyInstanceUID")
+            uid = text_value(ds, "StudyInstanceUID")
             if uid:
                 studies.append(
-                    StudyMatch(uid, _text(ds, "StudyDate"), _multi(ds, "ModalitiesInStudy"))
+                    StudyMatch(uid, text_value(ds, "StudyDate"), _multi(ds, "ModalitiesInStudy"))
                 )
         return studies
 
@@ -286,12 +283,12 @@ class DimseSource:
         return [
             SeriesMatch(
                 study.study_uid,
-                _text(ds, "SeriesInstanceUID"),
-                _text(ds, "Modality"),
+                text_value(ds, "SeriesInstanceUID"),
+                text_value(ds, "Modality"),
                 _count(ds, "NumberOfSeriesRelatedInstances"),
             )
             for ds in answers
-            if _text(ds, "SeriesInstanceUID")
+            if text_value(ds, "SeriesInstanceUID")
         ]
 
     def find_instances(self, series: SeriesMatch) -> list[InstanceMatch]:
@@ -305,16 +302,7 @@ class DimseSource:
                 SOPClassUID="",
             )
         )
-        return [
-            InstanceMatch(
-                series.study_uid,
-                series.series_uid,
-                _text(ds, "SOPInstanceUID"),
-                _text(ds, "SOPClassUID"),
-            )
-            for ds in answers
-            if _text(ds, "SOPInstanceUID")
-        ]
+        return instance_matches(series, answers)
 
     # -- C-GET / C-MOVE ----------------------------------------------------------------
 

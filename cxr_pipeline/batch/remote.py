@@ -16,10 +16,13 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cxr_pipeline.dicom.codes import ANALYSABLE_SOP_CLASSES
 from cxr_pipeline.errors import ConfigError, QueryError, Reason
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,52 @@ class InstanceMatch:
     series_uid: str
     sop_instance_uid: str
     sop_class_uid: str = ""
+
+
+def text_value(ds: Dataset, keyword: str) -> str:
+    """Read one attribute of a query answer as stripped text (``""`` when absent or empty).
+
+    Parameters
+    ----------
+    ds
+        A C-FIND or QIDO-RS answer.
+    keyword
+        DICOM keyword.
+
+    Returns
+    -------
+    str
+        The value.
+    """
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def instance_matches(series: SeriesMatch, answers: Iterable[Dataset]) -> list[InstanceMatch]:
+    """List the instances an image-level query (C-FIND or QIDO-RS) answered for one series.
+
+    Parameters
+    ----------
+    series
+        The series asked about.
+    answers
+        The query's answers; those without a SOP Instance UID are left out.
+
+    Returns
+    -------
+    list of InstanceMatch
+        One per answer with a SOP Instance UID.
+    """
+    return [
+        InstanceMatch(
+            series.study_uid,
+            series.series_uid,
+            text_value(ds, "SOPInstanceUID"),
+            text_value(ds, "SOPClassUID"),
+        )
+        for ds in answers
+        if text_value(ds, "SOPInstanceUID")
+    ]
 
 
 @dataclass

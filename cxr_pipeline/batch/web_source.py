@@ -26,6 +26,8 @@ from cxr_pipeline.batch.remote import (
     Retrieved,
     SeriesMatch,
     StudyMatch,
+    instance_matches,
+    text_value,
 )
 from cxr_pipeline.dicom.codes import MEDIA_TYPE_DICOM
 from cxr_pipeline.errors import QueryError, RetrieveError
@@ -44,11 +46,6 @@ ANY_TRANSFER_SYNTAX = "*"
 
 def _datasets(found: list[dict[str, Any]]) -> list[Dataset]:
     return [Dataset.from_json(item) for item in found]
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return "" if value is None else str(value).strip()
 
 
 def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
@@ -116,12 +113,12 @@ class DicomwebSource:
         )
         return [
             StudyMatch(
-                _text(ds, "StudyInstanceUID"),
-                _text(ds, "StudyDate"),
+                text_value(ds, "StudyInstanceUID"),
+                text_value(ds, "StudyDate"),
                 _values(ds, "ModalitiesInStudy"),
             )
             for ds in _datasets(found)
-            if _text(ds, "StudyInstanceUID")
+            if text_value(ds, "StudyInstanceUID")
         ]
 
     def find_series(self, study: StudyMatch) -> list[SeriesMatch]:
@@ -137,12 +134,12 @@ class DicomwebSource:
         )
         series = []
         for ds in _datasets(found):
-            uid = _text(ds, "SeriesInstanceUID")
+            uid = text_value(ds, "SeriesInstanceUID")
             if not uid:
                 continue
             count = ds.get("NumberOfSeriesRelatedInstances")
             announced = int(count) if count not in (None, "") else None
-            series.append(SeriesMatch(study.study_uid, uid, _text(ds, "Modality"), announced))
+            series.append(SeriesMatch(study.study_uid, uid, text_value(ds, "Modality"), announced))
         return series
 
     def find_instances(self, series: SeriesMatch) -> list[InstanceMatch]:
@@ -157,16 +154,7 @@ class DicomwebSource:
                 get_remaining=True,
             ),
         )
-        return [
-            InstanceMatch(
-                series.study_uid,
-                series.series_uid,
-                _text(ds, "SOPInstanceUID"),
-                _text(ds, "SOPClassUID"),
-            )
-            for ds in _datasets(found)
-            if _text(ds, "SOPInstanceUID")
-        ]
+        return instance_matches(series, _datasets(found))
 
     def retrieve(
         self, series: SeriesMatch, instances: Sequence[InstanceMatch], folder: Path

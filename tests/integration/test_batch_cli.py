@@ -18,6 +18,7 @@ from cxr_pipeline.batch.runner import BatchOptions, run_batch
 from cxr_pipeline.encode.reading import read_structured_report
 from cxr_pipeline.settings import Destination, load_settings
 from tests.conftest import REPO_ROOT
+from tests.support.batch_cli import run_batch_cli
 from tests.support.batch_tree import build_tree
 from tests.support.dicom3tools import dciodvfy_errors, require_tool
 from tests.support.dicom_network import recording_scp
@@ -26,14 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cxr_pipeline.batch", *args, "--no-progress"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_batch_cli(*args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,7 +32,7 @@ from cxr_pipeline.errors import SendError
 from cxr_pipeline.service.delivery import send_with_retries
 from cxr_pipeline.service.dicomweb import stow_datasets
 from cxr_pipeline.settings import Destination, PeerTlsSettings, SendSettings
-from tests.conftest import REPO_ROOT
+from tests.support.batch_cli import run_batch_cli
 from tests.support.dicom_network import ListenerProcess, running_listener, wait_until
 from tests.support.orthanc import OrthancServer, free_port, orthanc_available, running_orthanc
 from tests.support.pacs_results import results_by_source
@@ -56,14 +55,7 @@ def archive(tmp_path: Path, shared_dicom_dir: Path) -> DatedArchive:
 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cxr_pipeline.batch", *args, "--no-progress"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_batch_cli(*args, timeout=timeout)
 
 
 def test_qido_wado_in_and_stow_out_then_a_rerun_adds_nothing(

@@ -9,7 +9,6 @@ fixture's configuration), C-MOVE needs the destination registered.
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from cxr_pipeline.batch.remote_run import run_remote
 from cxr_pipeline.batch.report import JSONL_NAME, Row, read_rows
 from cxr_pipeline.batch.runner import BatchOptions
 from cxr_pipeline.settings import Destination, Settings, load_settings, parse_destination
-from tests.conftest import REPO_ROOT
+from tests.support.batch_cli import run_batch_cli
 from tests.support.orthanc import OrthancServer, free_port, orthanc_available, running_orthanc
 from tests.support.pacs_results import results_by_source
 from tests.support.pacs_studies import (
@@ -50,14 +49,7 @@ def _load(pacs: OrthancServer, archive: DatedArchive) -> None:
 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cxr_pipeline.batch", *args, "--no-progress"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_batch_cli(*args, timeout=timeout)
 
 
 def _settings(checkpoint: Path, **batch: object) -> Settings:

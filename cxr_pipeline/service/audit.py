@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pydicom.sr.coding import Code
 
@@ -76,6 +77,26 @@ class StudyTransfer:
     def add(self, sop_class: str) -> None:
         """Count one more instance of ``sop_class``."""
         self.sop_classes[sop_class] = self.sop_classes.get(sop_class, 0) + 1
+
+
+def studies_of(datasets: Iterable[Any]) -> list[StudyTransfer]:
+    """Group the objects of one transfer by study, counting instances by SOP class.
+
+    Parameters
+    ----------
+    datasets
+        pydicom datasets with ``SOPClassUID`` (``StudyInstanceUID`` may be missing).
+
+    Returns
+    -------
+    list of StudyTransfer
+        One per study, in the order the studies first appear.
+    """
+    studies: dict[str, StudyTransfer] = {}
+    for ds in datasets:
+        uid = str(ds.get("StudyInstanceUID", "") or "")
+        studies.setdefault(uid, StudyTransfer(uid)).add(str(ds.SOPClassUID))
+    return list(studies.values())
 
 
 def _coded(parent: ET.Element, tag: str, code: Code) -> None:

@@ -35,7 +35,7 @@ from requests.adapters import HTTPAdapter
 from cxr_pipeline.dicom import codes
 from cxr_pipeline.dicom.codes import AuditAction, AuditOutcome
 from cxr_pipeline.errors import ConfigError, SendError
-from cxr_pipeline.service.audit import AuditTrail, Participant, StudyTransfer
+from cxr_pipeline.service.audit import AuditTrail, Participant, studies_of
 from cxr_pipeline.settings import Destination, HttpAuthSettings
 
 log = logging.getLogger(__name__)
@@ -250,10 +250,7 @@ def stow_datasets(
         Participant(calling_ae_title, "", True, codes.AUDIT_ROLE_SOURCE),
         Participant(url, urlsplit(url).hostname or "", False, codes.AUDIT_ROLE_DESTINATION),
     )
-    studies: dict[str, StudyTransfer] = {}
-    for ds in datasets:
-        uid = str(ds.get("StudyInstanceUID", "") or "")
-        studies.setdefault(uid, StudyTransfer(uid)).add(str(ds.SOPClassUID))
+    studies = studies_of(datasets)
     failure: str | None = None
     try:
         with open_client(destination, timeout_s=timeout_s) as client:
@@ -276,7 +273,7 @@ def stow_datasets(
                 action=AuditAction.READ,
                 outcome=AuditOutcome.SUCCESS if failure is None else AuditOutcome.MINOR_FAILURE,
                 participants=participants,
-                studies=list(studies.values()),
+                studies=studies,
                 description=failure,
             )
     log.info("stored %d instance(s) at %s by STOW-RS", len(datasets), url)

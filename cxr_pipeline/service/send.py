@@ -37,7 +37,7 @@ from cxr_pipeline.dicom import codes
 from cxr_pipeline.dicom.codes import STORE_SUCCESS_STATUSES, AuditAction, AuditOutcome
 from cxr_pipeline.dicom.decode import transfer_syntax_of
 from cxr_pipeline.errors import SendError
-from cxr_pipeline.service.audit import AuditTrail, Participant, StudyTransfer
+from cxr_pipeline.service.audit import AuditTrail, Participant, studies_of
 from cxr_pipeline.service.dicomweb import stow_datasets
 from cxr_pipeline.service.tls import describe_tls_error, peer_context
 from cxr_pipeline.settings import Destination, SendSettings
@@ -148,14 +148,6 @@ def configured_peer(destination: Destination, settings: SendSettings) -> Destina
     return destination
 
 
-def _studies(datasets: Sequence[Dataset]) -> list[StudyTransfer]:
-    studies: dict[str, StudyTransfer] = {}
-    for ds in datasets:
-        uid = str(ds.get("StudyInstanceUID", "") or "")
-        studies.setdefault(uid, StudyTransfer(uid)).add(str(ds.SOPClassUID))
-    return list(studies.values())
-
-
 def send_datasets(
     datasets: Sequence[Dataset],
     destination: Destination,
@@ -221,7 +213,7 @@ def send_datasets(
         Participant(settings.calling_ae_title, "", True, codes.AUDIT_ROLE_SOURCE),
         Participant(destination.ae_title, destination.host, False, codes.AUDIT_ROLE_DESTINATION),
     )
-    studies = _studies(datasets)
+    studies = studies_of(datasets)
     assoc = ae.associate(
         destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
     )
